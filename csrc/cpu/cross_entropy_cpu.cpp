@@ -1,0 +1,300 @@
+// CPU kernels of the fused softmax cross-entropy.
+//
+// Rows run in parallel (at::parallel_for); inside a row every loop works on
+// at::vec::Vectorized lanes of the accumulation type (float32 for 16-bit
+// inputs), so a 16-bit row is widened once per element and never summed in
+// 16 bits. The math is spelled out in ../cross_entropy.h.
+//
+// Forward, per row: pass 1 finds the max m; pass 2 sums exp(x - m) (and, when
+// the target spreads mass over every class, sum_c q_c * (x_c - m)). Nothing of
+// size N x C is written. Backward, per row: one pass that reads x and writes dx.
+#include "../cross_entropy.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace fused_softmax {
+namespace {
+
+using at::vec::Vectorized;
+
+// Loads n <= size() elements as a vector of the accumulation type; lanes >= n are 0.
+template <typename acc_t, typename scalar_t>
+inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+    if (n == Vec::size()) {
+      Vec out;
+      at::vec::load_to_float(p, out);
+      return out;
+    }
+    __at_align__ acc_t buf[Vec::size()] = {};
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<acc_t>(p[k]);
+    return Vec::loadu(buf);
+  }
+}
+
+// Stores the first n lanes, rounding to the output dtype once.
+template <typename acc_t, typename scalar_t>
+inline void store(scalar_t* p, const Vectorized<acc_t>& v, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    v.store(p, n);
+  } else {
+    __at_align__ acc_t buf[Vectorized<acc_t>::size()];
+    v.store(buf);
+    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<scalar_t>(buf[k]);
+  }
+}
+
+// exp_u20 is ATen's fast float exp (the one its own softmax uses); double keeps libm's.
+inline Vectorized<float> vexp(const Vectorized<float>& v) {
+  return v.exp_u20();
+}
+inline Vectorized<double> vexp(const Vectorized<double>& v) {
+  return v.map([](double a) { return std::exp(a); });
+}
+
+// The part of a row's target mass q_c that is spread over classes:
+// q_c = w_c * (a * t_c + b), with t the probability row (nullptr for class
+// indices, whose single target class is added separately) and w the class
+// weights (nullptr for all ones).
+template <typename acc_t, typename scalar_t>
+struct SpreadMass {
+  const scalar_t* t;
+  const acc_t* w;
+  acc_t a;
+  acc_t b;
+
+  Vectorized<acc_t> at(int64_t j, int64_t n) const {
+    using Vec = Vectorized<acc_t>;
+    Vec q(b);
+    if (t) q = at::vec::fmadd(Vec(a), load<acc_t>(t + j, n), q);
+    if (w) q = q * load<acc_t>(w + j, n);
+    return Vec::set(Vec(0), q, n);  // lanes past the row carry no mass
+  }
+  acc_t at(int64_t j) const {
+    const acc_t q = t ? a * static_cast<acc_t>(t[j]) + b : b;
+    return w ? q * w[j] : q;
+  }
+};
+
+template <typename acc_t, typename scalar_t>
+acc_t row_max(const scalar_t* x, int64_t C) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  Vec m(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t j = 0; j < C; j += K) {
+    const int64_t n = std::min(K, C - j);
+    m = at::vec::maximum(m, Vec::set(m, load<acc_t>(x + j, n), n));  // lanes past the row keep m
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+}
+
+template <typename acc_t>
+struct RowSums {
+  acc_t sum_exp;   // sum_c exp(x_c - m)
+  acc_t mass;      // sum_c q_c over the spread mass
+  acc_t mass_dot;  // sum_c q_c * (x_c - m) over the spread mass
+};
+
+// Pass 2 of the forward. With spread == nullptr only sum_exp is computed.
+template <typename acc_t, typename scalar_t>
+RowSums<acc_t> row_sums(const scalar_t* x, int64_t C, acc_t m, const SpreadMass<acc_t, scalar_t>* spread) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  const Vec zero(0);
+  Vec sum_exp(0), mass(0), mass_dot(0);
+  for (int64_t j = 0; j < C; j += K) {
+    const int64_t n = std::min(K, C - j);
+    const Vec xm = Vec::set(zero, load<acc_t>(x + j, n) - Vec(m), n);  // lanes past the row: 0, never inf
+    sum_exp += Vec::set(zero, vexp(xm), n);
+    if (spread) {
+      const Vec q = spread->at(j, n);
+      mass += q;
+      mass_dot = at::vec::fmadd(q, xm, mass_dot);
+    }
+  }
+  auto add = [](Vec& a, Vec& b) { return a + b; };
+  return {
+      at::vec::vec_reduce_all<acc_t>(add, sum_exp),
+      at::vec::vec_reduce_all<acc_t>(add, mass),
+      at::vec::vec_reduce_all<acc_t>(add, mass_dot)};
+}
+
+template <typename acc_t, typename scalar_t>
+acc_t row_mass(int64_t C, const SpreadMass<acc_t, scalar_t>& spread) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  Vec mass(0);
+  for (int64_t j = 0; j < C; j += K) mass += spread.at(j, std::min(K, C - j));
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, mass);
+}
+
+// dx_c = g * (exp(x_c - lse) * S - q_c) over the spread mass q (the single
+// target class of an index row is corrected by the caller).
+template <typename acc_t, typename scalar_t>
+void row_grad(
+    scalar_t* dx, const scalar_t* x, int64_t C, acc_t lse, acc_t g, acc_t S,
+    const SpreadMass<acc_t, scalar_t>* spread) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  const Vec vlse(lse), vg(g), vS(S);
+  for (int64_t j = 0; j < C; j += K) {
+    const int64_t n = std::min(K, C - j);
+    Vec p_scaled = vexp(load<acc_t>(x + j, n) - vlse) * vS;
+    if (spread) p_scaled = p_scaled - spread->at(j, n);
+    store(dx + j, vg * p_scaled, n);
+  }
+}
+
+// Rows per task for at::parallel_for: about 32K elements each.
+int64_t grain_rows(int64_t C) {
+  return std::max<int64_t>(1, 32768 / C);
+}
+
+void check_target_range_cpu(const at::Tensor& target64, int64_t C, int64_t ignore_index) {
+  const int64_t* y = target64.data_ptr<int64_t>();
+  for (int64_t i = 0; i < target64.numel(); ++i) {
+    TORCH_CHECK(
+        y[i] == ignore_index || (y[i] >= 0 && y[i] < C),
+        "fused_softmax: target: class index ", y[i], " at position ", i, " is out of range for ", C,
+        " classes (expected 0 <= target < ", C, " or target == ignore_index ", ignore_index, ")");
+  }
+}
+
+// The shared preparation plus the CPU's own check of the class indices (the
+// CUDA kernel asserts on the device instead).
+PreparedArgs prepare_args_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing) {
+  PreparedArgs p = prepare_args(input, target, weight, label_smoothing);
+  if (!p.probabilities) check_target_range_cpu(p.target, input.size(1), ignore_index);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
+    const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+    int64_t ignore_index, double label_smoothing) {
+  const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing);
+  const int64_t N = p.input.size(0);
+  const int64_t C = p.input.size(1);
+  const auto acc = accumulate_type(p.input.scalar_type());
+  at::Tensor loss = at::empty({N}, p.input.options().dtype(acc));
+  at::Tensor lse = at::empty({N}, p.input.options().dtype(acc));
+  if (N == 0) return {loss, lse};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+    const int64_t x_stride = p.input.stride(0);
+    const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t eps = static_cast<acc_t>(label_smoothing);
+    const acc_t spread_b = eps / static_cast<acc_t>(C);
+    acc_t* loss_out = loss.data_ptr<acc_t>();
+    acc_t* lse_out = lse.data_ptr<acc_t>();
+
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* xi = x + i * x_stride;
+        SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
+        acc_t target_coef = 0;  // (1 - eps) * w[y]: the mass on an index row's target class
+        acc_t target_xm = 0;    // x[y] - m
+        int64_t y = -1;
+        if (p.probabilities) {
+          spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
+        } else {
+          y = p.target.const_data_ptr<int64_t>()[i];
+          if (y != ignore_index) target_coef = (1 - eps) * (w ? w[y] : acc_t(1));
+        }
+        const bool has_spread = p.probabilities || eps > 0;
+        const acc_t m = row_max<acc_t>(xi, C);
+        const RowSums<acc_t> s = row_sums<acc_t>(xi, C, m, has_spread ? &spread : nullptr);
+        const acc_t log_sum = std::log(s.sum_exp);
+        lse_out[i] = m + log_sum;
+        if (y == ignore_index && !p.probabilities) {
+          loss_out[i] = 0;
+          continue;
+        }
+        if (!p.probabilities) target_xm = static_cast<acc_t>(xi[y]) - m;
+        // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
+        loss_out[i] = target_coef * (log_sum - target_xm) + (s.mass * log_sum - s.mass_dot);
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_bwd_cpu(
+    const at::Tensor& grad_loss_, const at::Tensor& input_, const at::Tensor& target_,
+    const std::optional<at::Tensor>& weight_, const at::Tensor& lse_, int64_t ignore_index,
+    double label_smoothing) {
+  const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing);
+  check_backward_args(grad_loss_, p.input, lse_);
+  const int64_t N = p.input.size(0);
+  const int64_t C = p.input.size(1);
+  const auto acc = accumulate_type(p.input.scalar_type());
+  at::Tensor grad = at::empty({N, C}, p.input.options());
+  if (N == 0) return grad;
+  const at::Tensor grad_loss = grad_loss_.to(acc);
+  const at::Tensor lse = lse_.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+    const int64_t x_stride = p.input.stride(0);
+    scalar_t* dx = grad.data_ptr<scalar_t>();
+    const acc_t* g = grad_loss.const_data_ptr<acc_t>();
+    const int64_t g_stride = grad_loss.stride(0);  // 0 when autograd expands a scalar
+    const acc_t* lse_in = lse.const_data_ptr<acc_t>();
+    const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t eps = static_cast<acc_t>(label_smoothing);
+    const acc_t spread_b = eps / static_cast<acc_t>(C);
+    const acc_t spread_index_mass = spread_b * (p.weight.defined() ? p.weight_sum.item<acc_t>() : static_cast<acc_t>(C));
+
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* xi = x + i * x_stride;
+        scalar_t* dxi = dx + i * C;
+        SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
+        if (p.probabilities) {
+          spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
+          row_grad<acc_t>(dxi, xi, C, lse_in[i], g[i * g_stride], row_mass<acc_t>(C, spread), &spread);
+          continue;
+        }
+        const int64_t y = p.target.const_data_ptr<int64_t>()[i];
+        if (y == ignore_index) {
+          std::fill(dxi, dxi + C, scalar_t(0));  // an ignored row has no gradient, whatever grad_loss holds
+          continue;
+        }
+        const acc_t target_coef = (1 - eps) * (w ? w[y] : acc_t(1));
+        const acc_t S = target_coef + spread_index_mass;
+        row_grad<acc_t>(dxi, xi, C, lse_in[i], g[i * g_stride], S, eps > 0 ? &spread : nullptr);
+        // The target class, recomputed in the accumulation type and rounded once:
+        // p_y * S - q_y nearly cancels when p_y is close to 1.
+        const acc_t p_y = std::exp(static_cast<acc_t>(xi[y]) - lse_in[i]);
+        const acc_t q_y = target_coef + (eps > 0 ? spread.at(y) : acc_t(0));
+        dxi[y] = static_cast<scalar_t>(g[i * g_stride] * (p_y * S - q_y));
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_softmax, CPU, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+}
+
+}  // namespace fused_softmax

@@ -1,0 +1,151 @@
+// Op schemas, argument checks shared by the CPU and CUDA kernels, and the
+// Python module that carries them.
+#include "cross_entropy.h"
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+namespace fused_softmax {
+
+namespace {
+std::string shape_of(const at::Tensor& t) {
+  return c10::str(t.sizes());
+}
+}  // namespace
+
+namespace {
+// Validates the arguments shared by both ops. Returns true when `target` holds
+// class probabilities rather than class indices.
+bool check_cross_entropy_args(
+    const at::Tensor& input,
+    const at::Tensor& target,
+    const std::optional<at::Tensor>& weight,
+    double label_smoothing) {
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "fused_softmax: input: unsupported dtype ", dtype,
+      "; expected float16, bfloat16, float32 or float64");
+  TORCH_CHECK(
+      input.dim() == 2,
+      "fused_softmax: input: expected a 2-D (rows, classes) tensor, got shape ", shape_of(input));
+  const int64_t rows = input.size(0);
+  const int64_t classes = input.size(1);
+  TORCH_CHECK(classes >= 1, "fused_softmax: input: expected at least one class, got shape ", shape_of(input));
+  TORCH_CHECK(
+      target.device() == input.device(),
+      "fused_softmax: target: expected a tensor on ", input.device(), " like input, got one on ", target.device());
+  TORCH_CHECK(
+      label_smoothing >= 0.0 && label_smoothing <= 1.0,
+      "fused_softmax: label_smoothing: expected a value in [0, 1], got ", label_smoothing);
+
+  bool probabilities = false;
+  const auto tdtype = target.scalar_type();
+  if (tdtype == at::kLong || tdtype == at::kInt) {
+    TORCH_CHECK(
+        target.dim() == 1 && target.size(0) == rows,
+        "fused_softmax: target: class indices must have shape [", rows, "] to match input ",
+        shape_of(input), ", got ", shape_of(target));
+  } else if (at::isFloatingType(tdtype)) {
+    TORCH_CHECK(
+        target.sizes() == input.sizes(),
+        "fused_softmax: target: class probabilities must have the shape of input ", shape_of(input),
+        ", got ", shape_of(target));
+    TORCH_CHECK(
+        tdtype == dtype,
+        "fused_softmax: target: class probabilities must have input's dtype ", dtype, ", got ", tdtype);
+    probabilities = true;
+  } else {
+    TORCH_CHECK(
+        false, "fused_softmax: target: expected int64 or int32 class indices or floating class probabilities, got dtype ",
+        tdtype);
+  }
+
+  if (weight.has_value() && weight->defined()) {
+    const auto& w = *weight;
+    TORCH_CHECK(
+        w.dim() == 1 && w.size(0) == classes,
+        "fused_softmax: weight: expected a 1-D tensor of ", classes, " class weights, got shape ", shape_of(w));
+    TORCH_CHECK(
+        w.device() == input.device(),
+        "fused_softmax: weight: expected a tensor on ", input.device(), " like input, got one on ", w.device());
+    TORCH_CHECK(
+        at::isFloatingType(w.scalar_type()),
+        "fused_softmax: weight: expected a floating dtype, got ", w.scalar_type());
+  }
+  return probabilities;
+}
+}  // namespace
+
+void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& lse) {
+  const int64_t rows = input.size(0);
+  const auto acc = accumulate_type(input.scalar_type());
+  TORCH_CHECK(
+      grad_loss.dim() == 1 && grad_loss.size(0) == rows && grad_loss.device() == input.device(),
+      "fused_softmax: grad_loss: expected a 1-D tensor of ", rows, " rows on ", input.device(), ", got shape ",
+      shape_of(grad_loss), " on ", grad_loss.device());
+  TORCH_CHECK(
+      lse.dim() == 1 && lse.size(0) == rows && lse.device() == input.device() && lse.scalar_type() == acc,
+      "fused_softmax: lse: expected a 1-D ", acc, " tensor of ", rows, " rows on ", input.device(),
+      " (the forward's output), got ", lse.scalar_type(), " of shape ", shape_of(lse), " on ", lse.device());
+}
+
+at::ScalarType accumulate_type(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+PreparedArgs prepare_args(
+    const at::Tensor& input,
+    const at::Tensor& target,
+    const std::optional<at::Tensor>& weight,
+    double label_smoothing) {
+  PreparedArgs p;
+  p.probabilities = check_cross_entropy_args(input, target, weight, label_smoothing);
+  p.input = input.stride(1) == 1 ? input : input.contiguous();
+  if (p.probabilities) {
+    p.target = target.stride(1) == 1 ? target : target.contiguous();
+  } else {
+    p.target = target.to(at::kLong).contiguous();
+  }
+  if (weight.has_value() && weight->defined()) {
+    p.weight = weight->to(accumulate_type(input.scalar_type())).contiguous();
+    p.weight_sum = p.weight.sum();  // stays on the device: no host synchronisation
+  }
+  return p;
+}
+
+}  // namespace fused_softmax
+
+// The schemas, defined once; each backend registers its kernels in its own file.
+TORCH_LIBRARY(fused_softmax, m) {
+  // Per-row losses (reduction='none', in the accumulation dtype) and the per-row
+  // log-sum-exp that backward needs.
+  m.def(
+      "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing)"
+      " -> (Tensor loss, Tensor lse)");
+  // d(sum_i grad_loss[i] * loss[i]) / d input, in one pass over input.
+  m.def(
+      "cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
+      "int ignore_index, float label_smoothing) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_softmax kernels; the ops live in torch.ops.fused_softmax";
+  m.def("cuda_built", [] {
+#ifdef FUSED_SOFTMAX_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled into this build.");
+  m.def("cpu_capability", [] {
+#if defined(CPU_CAPABILITY_AVX512)
+    return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+    return "avx2";
+#else
+    return "default";
+#endif
+  },
+        "The vector instruction set the CPU kernel was compiled for.");
+}

@@ -1,0 +1,48 @@
+// Shared declarations of the fused softmax cross-entropy ops.
+//
+// Both ops work on 2-D logits `input` of shape (N, C); the Python layer folds
+// every other layout ((C,), (N, C, d1, ..., dk)) into that. Per row i, with
+// class weights w (all ones without `weight`) and label smoothing eps:
+//
+//   q[i, c]  = target mass on class c:
+//                class indices:        (1 - eps) * w[y_i] * [c == y_i] + eps / C * w[c]
+//                class probabilities:  w[c] * ((1 - eps) * t[i, c] + eps / C)
+//   S[i]     = sum_c q[i, c]
+//   lse[i]   = log(sum_c exp(x[i, c]))                  (computed after subtracting the row max)
+//   loss[i]  = sum_c q[i, c] * (lse[i] - x[i, c])       (0 for an ignored row)
+//   dx[i, c] = grad_loss[i] * (exp(x[i, c] - lse[i]) * S[i] - q[i, c])   (0 for an ignored row)
+//
+// This is exactly torch.nn.functional.cross_entropy with reduction='none'; the
+// reductions are done in Python on the float32 (float64) per-row losses.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace fused_softmax {
+
+// Extra checks of the backward op's own inputs.
+void check_backward_args(
+    const at::Tensor& grad_loss,
+    const at::Tensor& input,
+    const at::Tensor& lse);
+
+// The accumulation dtype: float32 for float16/bfloat16/float32, float64 for float64.
+at::ScalarType accumulate_type(at::ScalarType input_dtype);
+
+// The arguments checked and laid out the way both kernels read them.
+struct PreparedArgs {
+  at::Tensor input;       // rows with stride(1) == 1 (copied only when they were not)
+  at::Tensor target;      // int64 class indices, or probabilities with stride(1) == 1
+  at::Tensor weight;      // accumulation dtype, contiguous; undefined without weight
+  at::Tensor weight_sum;  // 0-dim sum of weight on input's device; undefined without weight
+  bool probabilities;     // target holds class probabilities rather than indices
+};
+
+PreparedArgs prepare_args(
+    const at::Tensor& input,
+    const at::Tensor& target,
+    const std::optional<at::Tensor>& weight,
+    double label_smoothing);
+
+}  // namespace fused_softmax

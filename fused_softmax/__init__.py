@@ -1,0 +1,12 @@
+"""fused_softmax: a fused softmax cross-entropy for PyTorch, with C++ CPU and CUDA kernels.
+
+import fused_softmax
+loss = fused_softmax.cross_entropy(logits, target)  # as torch.nn.functional.cross_entropy
+"""
+
+from ._ops import backend
+from .functional import cross_entropy
+from .modules import CrossEntropyLoss
+
+__all__ = ["CrossEntropyLoss", "backend", "cross_entropy"]
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""The compiled ops, their torch.library registrations, and the fallback.
+
+torch.ops.fused_softmax.cross_entropy_fwd / cross_entropy_bwd are defined in
+csrc/cross_entropy.cpp; the dispatcher runs the CPU or CUDA kernel. Here they get
+a fake kernel (shapes only, so torch.compile can trace them) and an autograd
+formula. If the extension cannot be loaded, the same math runs in plain PyTorch
+(fused_softmax.reference) and one warning says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+try:
+    from . import _C  # loading it registers the ops and their CPU (and CUDA) kernels
+except ImportError as error:  # no compiler at install time, or built against another torch
+    _C = None
+    LOAD_ERROR: str | None = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        f"fused_softmax: the compiled kernels could not be loaded ({LOAD_ERROR}); serving the same math "
+        f"in pure PyTorch, which is slower. To fix it, rebuild against the installed torch "
+        f"{torch.__version__}: `pip install --no-build-isolation --force-reinstall .` in the source tree.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    LOAD_ERROR = None
+
+
+def backend() -> dict[str, str]:
+    """Which implementation serves each device."""
+    if _C is None:
+        fallback = f"pure PyTorch fallback (compiled kernels not loaded: {LOAD_ERROR})"
+        return {"cpu": fallback, "cuda": fallback}
+    return {
+        "cpu": f"compiled C++ kernel ({_C.cpu_capability()})",
+        "cuda": "compiled CUDA kernel" if _C.cuda_built() else "pure PyTorch fallback (built without CUDA)",
+    }
+
+
+def cross_entropy_rows(
+    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
+) -> Tensor:
+    """Per-row losses (reduction='none') of 2-D input, in the accumulation dtype; differentiable."""
+    if _C is None:
+        return reference.cross_entropy_rows(input, target, weight, ignore_index, label_smoothing)[0]
+    return torch.ops.fused_softmax.cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing)[0]
+
+
+if _C is not None:
+
+    @torch.library.register_fake("fused_softmax::cross_entropy_fwd")
+    def _fwd_fake(input, target, weight, ignore_index, label_smoothing):
+        rows = input.new_empty((input.shape[0],), dtype=reference.accumulate_dtype(input.dtype))
+        return rows, torch.empty_like(rows)
+
+    @torch.library.register_fake("fused_softmax::cross_entropy_bwd")
+    def _bwd_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+        return input.new_empty(input.shape)
+
+    def _setup_context(ctx, inputs, output):
+        input, target, weight, ignore_index, label_smoothing = inputs
+        ctx.mark_non_differentiable(output[1])  # lse is a statistic for backward, not a result to train on
+        ctx.save_for_backward(input, target, weight, output[1])
+        ctx.ignore_index = ignore_index
+        ctx.label_smoothing = label_smoothing
+
+    def _backward(ctx, grad_loss, _grad_lse):
+        input, target, weight, lse = ctx.saved_tensors
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_input = torch.ops.fused_softmax.cross_entropy_bwd(
+                grad_loss, input, target, weight, lse, ctx.ignore_index, ctx.label_smoothing
+            )
+        if ctx.needs_input_grad[1]:  # probability targets: d loss_i / d t_ic = (1 - eps) w_c (lse_i - x_ic)
+            acc = lse.dtype
+            scale = (1 - ctx.label_smoothing) * grad_loss.to(acc)[:, None]
+            if weight is not None:
+                scale = scale * weight.to(acc)
+            grad_target = (scale * (lse[:, None] - input.to(acc))).to(target.dtype)
+        return grad_input, grad_target, None, None, None
+
+    torch.library.register_autograd("fused_softmax::cross_entropy_fwd", _backward, setup_context=_setup_context)
+
+    if not _C.cuda_built():  # CUDA tensors still work, through the reference math
+
+        @torch.library.register_kernel("fused_softmax::cross_entropy_fwd", "cuda")
+        def _fwd_cuda_fallback(input, target, weight, ignore_index, label_smoothing):
+            with torch.no_grad():
+                loss, lse = reference.cross_entropy_rows(input, target, weight, ignore_index, label_smoothing)
+            return loss, lse
+
+        @torch.library.register_kernel("fused_softmax::cross_entropy_bwd", "cuda")
+        def _bwd_cuda_fallback(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+            return reference.cross_entropy_rows_grad(
+                grad_loss, input, target, weight, lse, ignore_index, label_smoothing
+            )

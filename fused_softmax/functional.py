@@ -1,0 +1,102 @@
+"""fused_softmax.cross_entropy: a drop-in for torch.nn.functional.cross_entropy.
+
+Layering: the kernels (csrc/) compute per-row losses of a 2-D (rows, classes)
+view; this module checks the user's arguments, folds every accepted layout into
+that view, and applies the reduction in float32 (float64 for float64 input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ops
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Softmax cross-entropy between logits `input` and `target`, fused.
+
+    Same signature, defaults and results as torch.nn.functional.cross_entropy:
+    input (C), (N, C) or (N, C, d1, ..., dk); target class indices (int64 or
+    int32) of shape (), (N) or (N, d1, ..., dk), or class probabilities of
+    input's shape. The loss is accumulated in float32 for float16/bfloat16
+    input and returned in input's dtype.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    rows, target_rows, rows_shape = _as_rows(input, target, reduction, label_smoothing, weight)
+    loss = _ops.cross_entropy_rows(rows, target_rows, weight, ignore_index, label_smoothing)
+
+    if reduction == "none":
+        return loss.reshape(rows_shape).to(input.dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(input.dtype)
+    if target_rows.is_floating_point():  # torch divides probability-target losses by the row count
+        return (total / rows.shape[0]).to(input.dtype)
+    counted = target_rows != ignore_index
+    if weight is None:
+        denominator = counted.sum()
+    else:  # the summed weights of the targets that count
+        class_weight = weight.to(loss.dtype)[torch.where(counted, target_rows, 0)]
+        denominator = (class_weight * counted).sum()
+    return (total / denominator).to(input.dtype)  # all ignored: 0 / 0 = nan, as in torch
+
+
+def _as_rows(
+    input: Tensor, target: Tensor, reduction: str, label_smoothing: float, weight: Tensor | None
+) -> tuple[Tensor, Tensor, torch.Size]:
+    """Checks the arguments; returns input as (rows, C), target per row, and the shape of per-row losses."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"cross_entropy: input: expected a torch.Tensor, got {type(input).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"cross_entropy: target: expected a torch.Tensor, got {type(target).__name__}")
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(f"cross_entropy: weight: expected a torch.Tensor or None, got {type(weight).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+    if not input.is_floating_point():
+        raise TypeError(f"cross_entropy: input: expected floating-point logits, got dtype {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("cross_entropy: input: expected shape (C), (N, C) or (N, C, d1, ...), got a 0-d tensor")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "cross_entropy: weight: gradients with respect to class weights are not supported; pass weight.detach()"
+        )
+
+    probabilities = target.is_floating_point()
+    unbatched = input.dim() == 1
+    rows_shape = input.shape[:0] if unbatched else input.shape[:1] + input.shape[2:]  # input without classes
+    expected = input.shape if probabilities else rows_shape
+    if target.shape != expected:
+        kind = "class probabilities" if probabilities else "class indices"
+        raise ValueError(
+            f"cross_entropy: target: expected {kind} of shape {tuple(expected)} for input of "
+            f"shape {tuple(input.shape)}, got shape {tuple(target.shape)}"
+        )
+    if probabilities and target.dtype != input.dtype:
+        target = target.to(input.dtype)
+
+    num_classes = input.shape[0] if unbatched else input.shape[1]
+    if unbatched:
+        rows, target = input.unsqueeze(0), target.unsqueeze(0)
+    else:  # (N, C, d1, ..., dk) -> (N * d1 * ... * dk, C): classes last, one copy when they were not
+        rows = input.movedim(1, -1).reshape(-1, num_classes)
+        target = target.movedim(1, -1).reshape(-1, num_classes) if probabilities else target.reshape(-1)
+    return rows, target, rows_shape
+
+
+__all__ = ["cross_entropy"]

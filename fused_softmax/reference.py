@@ -1,0 +1,71 @@
+"""The cross-entropy math in plain PyTorch: the oracle of the tests and the fallback
+when the compiled kernels cannot be loaded.
+
+Both functions follow the contract of the compiled ops (csrc/cross_entropy.h): 2-D
+input (N, C); target int class indices (N,) or class probabilities (N, C); per-row
+results in the accumulation dtype (float64 for float64 input, else float32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _target_mass(
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    num_classes: int,
+    acc: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """q[i, c], the weighted target mass of each class, and which rows count (not ignored)."""
+    w = torch.ones(num_classes, dtype=acc, device=target.device) if weight is None else weight.to(acc)
+    eps = label_smoothing
+    if target.is_floating_point():
+        q = w * ((1 - eps) * target.to(acc) + eps / num_classes)
+        return q, torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+    valid = target != ignore_index
+    y = torch.where(valid, target, 0).long()
+    q = (eps / num_classes * w).expand(target.shape[0], num_classes).clone()
+    q.scatter_add_(1, y[:, None], ((1 - eps) * w[y])[:, None])
+    return q * valid[:, None], valid
+
+
+def cross_entropy_rows(
+    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses sum_c q[i, c] * (lse[i] - x[i, c]) and log-sum-exps; differentiable."""
+    acc = accumulate_dtype(input.dtype)
+    x = input.to(acc)
+    lse = torch.logsumexp(x, dim=1)
+    q, valid = _target_mass(target, weight, ignore_index, label_smoothing, x.shape[1], acc)
+    terms = q * (lse[:, None] - x)
+    if not (target.is_floating_point() or label_smoothing > 0):
+        # An index row's one term is its target class: -inf logits elsewhere stay out (no 0 * inf),
+        # as in torch; with smoothing or probabilities torch multiplies every class, and so do we.
+        terms = torch.where(q != 0, terms, 0)
+    return torch.where(valid, terms.sum(1), 0), lse
+
+
+def cross_entropy_rows_grad(
+    grad_loss: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+) -> Tensor:
+    """d(sum_i grad_loss[i] * loss[i]) / d input = grad_loss[i] * (softmax * S[i] - q[i, :])."""
+    acc = accumulate_dtype(input.dtype)
+    x = input.to(acc)
+    q, valid = _target_mass(target, weight, ignore_index, label_smoothing, x.shape[1], acc)
+    p = torch.exp(x - lse[:, None].to(acc))
+    grad = grad_loss.to(acc)[:, None] * (p * q.sum(1, keepdim=True) - q)
+    return torch.where(valid[:, None], grad, 0).to(input.dtype)
