@@ -77,7 +77,7 @@ bool check_cross_entropy_args(
 }
 }  // namespace
 
-void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& lse) {
+void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& stats) {
   const int64_t rows = input.size(0);
   const auto acc = accumulate_type(input.scalar_type());
   TORCH_CHECK(
@@ -85,9 +85,11 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& input, c
       "fused_softmax: grad_loss: expected a 1-D tensor of ", rows, " rows on ", input.device(), ", got shape ",
       shape_of(grad_loss), " on ", grad_loss.device());
   TORCH_CHECK(
-      lse.dim() == 1 && lse.size(0) == rows && lse.device() == input.device() && lse.scalar_type() == acc,
-      "fused_softmax: lse: expected a 1-D ", acc, " tensor of ", rows, " rows on ", input.device(),
-      " (the forward's output), got ", lse.scalar_type(), " of shape ", shape_of(lse), " on ", lse.device());
+      stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 2 && stats.device() == input.device() &&
+          stats.scalar_type() == acc,
+      "fused_softmax: stats: expected the forward's ", acc, " (max, log_sum) tensor of shape [", rows,
+      ", 2] on ", input.device(), ", got ", stats.scalar_type(), " of shape ", shape_of(stats), " on ",
+      stats.device());
 }
 
 at::ScalarType accumulate_type(at::ScalarType input_dtype) {
@@ -119,13 +121,13 @@ PreparedArgs prepare_args(
 // The schemas, defined once; each backend registers its kernels in its own file.
 TORCH_LIBRARY(fused_softmax, m) {
   // Per-row losses (reduction='none', in the accumulation dtype) and the per-row
-  // log-sum-exp that backward needs.
+  // statistics (max, log_sum) that backward needs; lse = max + log_sum.
   m.def(
       "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing)"
-      " -> (Tensor loss, Tensor lse)");
+      " -> (Tensor loss, Tensor stats)");
   // d(sum_i grad_loss[i] * loss[i]) / d input, in one pass over input.
   m.def(
-      "cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
+      "cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
       "int ignore_index, float label_smoothing) -> Tensor");
 }
 

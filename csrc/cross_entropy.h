@@ -8,12 +8,18 @@
 //                class indices:        (1 - eps) * w[y_i] * [c == y_i] + eps / C * w[c]
 //                class probabilities:  w[c] * ((1 - eps) * t[i, c] + eps / C)
 //   S[i]     = sum_c q[i, c]
-//   lse[i]   = log(sum_c exp(x[i, c]))                  (computed after subtracting the row max)
+//   lse[i]   = log(sum_c exp(x[i, c])) = max[i] + log_sum[i],
+//              log_sum[i] = log(sum_c exp(x[i, c] - max[i]))
 //   loss[i]  = sum_c q[i, c] * (lse[i] - x[i, c])       (0 for an ignored row)
 //   dx[i, c] = grad_loss[i] * (exp(x[i, c] - lse[i]) * S[i] - q[i, c])   (0 for an ignored row)
 //
 // This is exactly torch.nn.functional.cross_entropy with reduction='none'; the
 // reductions are done in Python on the float32 (float64) per-row losses.
+//
+// The forward saves, per row, stats = (max, log_sum) in the accumulation dtype
+// rather than their sum lse: backward forms x - lse as (x - max) - log_sum,
+// exact where it matters (x near the max). A rounded lse would be off by half
+// its ulp (5e-4 at logits near 1e4) and every probability with it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,7 +31,7 @@ namespace fused_softmax {
 void check_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& input,
-    const at::Tensor& lse);
+    const at::Tensor& stats);
 
 // The accumulation dtype: float32 for float16/bfloat16/float32, float64 for float64.
 at::ScalarType accumulate_type(at::ScalarType input_dtype);

@@ -56,33 +56,33 @@ if _C is not None:
 
     @torch.library.register_fake("fused_softmax::cross_entropy_fwd")
     def _fwd_fake(input, target, weight, ignore_index, label_smoothing):
-        rows = input.new_empty((input.shape[0],), dtype=reference.accumulate_dtype(input.dtype))
-        return rows, torch.empty_like(rows)
+        acc = reference.accumulate_dtype(input.dtype)
+        return input.new_empty((input.shape[0],), dtype=acc), input.new_empty((input.shape[0], 2), dtype=acc)
 
     @torch.library.register_fake("fused_softmax::cross_entropy_bwd")
-    def _bwd_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+    def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing):
         return input.new_empty(input.shape)
 
     def _setup_context(ctx, inputs, output):
         input, target, weight, ignore_index, label_smoothing = inputs
-        ctx.mark_non_differentiable(output[1])  # lse is a statistic for backward, not a result to train on
+        ctx.mark_non_differentiable(output[1])  # stats serve backward; they are not a result to train on
         ctx.save_for_backward(input, target, weight, output[1])
         ctx.ignore_index = ignore_index
         ctx.label_smoothing = label_smoothing
 
-    def _backward(ctx, grad_loss, _grad_lse):
-        input, target, weight, lse = ctx.saved_tensors
+    def _backward(ctx, grad_loss, _grad_stats):
+        input, target, weight, stats = ctx.saved_tensors
         grad_input = grad_target = None
         if ctx.needs_input_grad[0]:
             grad_input = torch.ops.fused_softmax.cross_entropy_bwd(
-                grad_loss, input, target, weight, lse, ctx.ignore_index, ctx.label_smoothing
+                grad_loss, input, target, weight, stats, ctx.ignore_index, ctx.label_smoothing
             )
         if ctx.needs_input_grad[1]:  # probability targets: d loss_i / d t_ic = (1 - eps) w_c (lse_i - x_ic)
-            acc = lse.dtype
+            acc = reference.accumulate_dtype(input.dtype)
             scale = (1 - ctx.label_smoothing) * grad_loss.to(acc)[:, None]
             if weight is not None:
                 scale = scale * weight.to(acc)
-            grad_target = (scale * (lse[:, None] - input.to(acc))).to(target.dtype)
+            grad_target = (-scale * reference.minus_lse(input.to(acc), stats)).to(target.dtype)
         return grad_input, grad_target, None, None, None
 
     torch.library.register_autograd("fused_softmax::cross_entropy_fwd", _backward, setup_context=_setup_context)
@@ -92,11 +92,10 @@ if _C is not None:
         @torch.library.register_kernel("fused_softmax::cross_entropy_fwd", "cuda")
         def _fwd_cuda_fallback(input, target, weight, ignore_index, label_smoothing):
             with torch.no_grad():
-                loss, lse = reference.cross_entropy_rows(input, target, weight, ignore_index, label_smoothing)
-            return loss, lse
+                return reference.cross_entropy_rows(input, target, weight, ignore_index, label_smoothing)
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_bwd", "cuda")
-        def _bwd_cuda_fallback(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+        def _bwd_cuda_fallback(grad_loss, input, target, weight, stats, ignore_index, label_smoothing):
             return reference.cross_entropy_rows_grad(
-                grad_loss, input, target, weight, lse, ignore_index, label_smoothing
+                grad_loss, input, target, weight, stats, ignore_index, label_smoothing
             )

@@ -40,17 +40,29 @@ def _target_mass(
 def cross_entropy_rows(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses sum_c q[i, c] * (lse[i] - x[i, c]) and log-sum-exps; differentiable."""
+    """Per-row losses sum_c q[i, c] * (lse[i] - x[i, c]) and stats (max, log_sum); differentiable."""
     acc = accumulate_dtype(input.dtype)
     x = input.to(acc)
-    lse = torch.logsumexp(x, dim=1)
+    stats = row_stats(x)
     q, valid = _target_mass(target, weight, ignore_index, label_smoothing, x.shape[1], acc)
-    terms = q * (lse[:, None] - x)
+    terms = q * minus_lse(x, stats).neg()
     if not (target.is_floating_point() or label_smoothing > 0):
         # An index row's one term is its target class: -inf logits elsewhere stay out (no 0 * inf),
         # as in torch; with smoothing or probabilities torch multiplies every class, and so do we.
         terms = torch.where(q != 0, terms, 0)
-    return torch.where(valid, terms.sum(1), 0), lse
+    return torch.where(valid, terms.sum(1), 0), stats.detach()
+
+
+def row_stats(x: Tensor) -> Tensor:
+    """(max, log_sum) per row, lse = max + log_sum; a row with a +inf or only -inf gets NaN, as in torch."""
+    row_max = x.amax(1, keepdim=True)
+    log_sum = torch.log(torch.exp(x - row_max).sum(1, keepdim=True))
+    return torch.cat([row_max, log_sum], 1)
+
+
+def minus_lse(x: Tensor, stats: Tensor) -> Tensor:
+    """x - lse, formed as (x - max) - log_sum: exact where x is near the max."""
+    return (x - stats[:, :1]) - stats[:, 1:]
 
 
 def cross_entropy_rows_grad(
@@ -58,7 +70,7 @@ def cross_entropy_rows_grad(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     ignore_index: int,
     label_smoothing: float,
 ) -> Tensor:
@@ -66,6 +78,6 @@ def cross_entropy_rows_grad(
     acc = accumulate_dtype(input.dtype)
     x = input.to(acc)
     q, valid = _target_mass(target, weight, ignore_index, label_smoothing, x.shape[1], acc)
-    p = torch.exp(x - lse[:, None].to(acc))
+    p = torch.exp(minus_lse(x, stats.to(acc)))
     grad = grad_loss.to(acc)[:, None] * (p * q.sum(1, keepdim=True) - q)
     return torch.where(valid[:, None], grad, 0).to(input.dtype)

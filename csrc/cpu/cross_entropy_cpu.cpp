@@ -140,18 +140,25 @@ acc_t row_mass(int64_t C, const SpreadMass<acc_t, scalar_t>& spread) {
   return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, mass);
 }
 
+// A row's saved statistics; x - lse is formed as (x - max) - log_sum.
+template <typename acc_t>
+struct RowStats {
+  acc_t max, log_sum;
+  acc_t minus_lse(acc_t x) const { return (x - max) - log_sum; }
+};
+
 // dx_c = g * (exp(x_c - lse) * S - q_c) over the spread mass q (the single
 // target class of an index row is corrected by the caller).
 template <typename acc_t, typename scalar_t>
 void row_grad(
-    scalar_t* dx, const scalar_t* x, int64_t C, acc_t lse, acc_t g, acc_t S,
+    scalar_t* dx, const scalar_t* x, int64_t C, RowStats<acc_t> stats, acc_t g, acc_t S,
     const SpreadMass<acc_t, scalar_t>* spread) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
-  const Vec vlse(lse), vg(g), vS(S);
+  const Vec max(stats.max), log_sum(stats.log_sum), vg(g), vS(S);
   for (int64_t j = 0; j < C; j += K) {
     const int64_t n = std::min(K, C - j);
-    Vec p_scaled = vexp(load<acc_t>(x + j, n) - vlse) * vS;
+    Vec p_scaled = vexp((load<acc_t>(x + j, n) - max) - log_sum) * vS;
     if (spread) p_scaled = p_scaled - spread->at(j, n);
     store(dx + j, vg * p_scaled, n);
   }
@@ -190,8 +197,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
   at::Tensor loss = at::empty({N}, p.input.options().dtype(acc));
-  at::Tensor lse = at::empty({N}, p.input.options().dtype(acc));
-  if (N == 0) return {loss, lse};
+  at::Tensor stats = at::empty({N, 2}, p.input.options().dtype(acc));
+  if (N == 0) return {loss, stats};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -201,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const acc_t eps = static_cast<acc_t>(label_smoothing);
     const acc_t spread_b = eps / static_cast<acc_t>(C);
     acc_t* loss_out = loss.data_ptr<acc_t>();
-    acc_t* lse_out = lse.data_ptr<acc_t>();
+    RowStats<acc_t>* stats_out = reinterpret_cast<RowStats<acc_t>*>(stats.data_ptr<acc_t>());
 
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -219,8 +226,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
         const bool has_spread = p.probabilities || eps > 0;
         const acc_t m = row_max<acc_t>(xi, C);
         const RowSums<acc_t> s = row_sums<acc_t>(xi, C, m, has_spread ? &spread : nullptr);
-        const acc_t log_sum = std::log(s.sum_exp);
-        lse_out[i] = m + log_sum;
+        // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
+        const acc_t log_sum = std::isfinite(m) ? std::log(s.sum_exp) : std::numeric_limits<acc_t>::quiet_NaN();
+        stats_out[i] = {m, log_sum};
         if (y == ignore_index && !p.probabilities) {
           loss_out[i] = 0;
           continue;
@@ -231,22 +239,22 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
       }
     });
   });
-  return {loss, lse};
+  return {loss, stats};
 }
 
 at::Tensor cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss_, const at::Tensor& input_, const at::Tensor& target_,
-    const std::optional<at::Tensor>& weight_, const at::Tensor& lse_, int64_t ignore_index,
+    const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, int64_t ignore_index,
     double label_smoothing) {
   const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing);
-  check_backward_args(grad_loss_, p.input, lse_);
+  check_backward_args(grad_loss_, p.input, stats_);
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
   at::Tensor grad = at::empty({N, C}, p.input.options());
   if (N == 0) return grad;
   const at::Tensor grad_loss = grad_loss_.to(acc);
-  const at::Tensor lse = lse_.contiguous();
+  const at::Tensor stats = stats_.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -255,7 +263,7 @@ at::Tensor cross_entropy_bwd_cpu(
     scalar_t* dx = grad.data_ptr<scalar_t>();
     const acc_t* g = grad_loss.const_data_ptr<acc_t>();
     const int64_t g_stride = grad_loss.stride(0);  // 0 when autograd expands a scalar
-    const acc_t* lse_in = lse.const_data_ptr<acc_t>();
+    const auto* stats_in = reinterpret_cast<const RowStats<acc_t>*>(stats.const_data_ptr<acc_t>());
     const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
     const acc_t eps = static_cast<acc_t>(label_smoothing);
     const acc_t spread_b = eps / static_cast<acc_t>(C);
@@ -266,22 +274,27 @@ at::Tensor cross_entropy_bwd_cpu(
         const scalar_t* xi = x + i * x_stride;
         scalar_t* dxi = dx + i * C;
         SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
+        const bool ignored = !p.probabilities && p.target.const_data_ptr<int64_t>()[i] == ignore_index;
+        if (std::isnan(stats_in[i].log_sum) && !ignored) {  // the forward found a NaN row
+          std::fill(dxi, dxi + C, std::numeric_limits<scalar_t>::quiet_NaN());
+          continue;
+        }
         if (p.probabilities) {
           spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
-          row_grad<acc_t>(dxi, xi, C, lse_in[i], g[i * g_stride], row_mass<acc_t>(C, spread), &spread);
+          row_grad<acc_t>(dxi, xi, C, stats_in[i], g[i * g_stride], row_mass<acc_t>(C, spread), &spread);
           continue;
         }
         const int64_t y = p.target.const_data_ptr<int64_t>()[i];
-        if (y == ignore_index) {
+        if (ignored) {
           std::fill(dxi, dxi + C, scalar_t(0));  // an ignored row has no gradient, whatever grad_loss holds
           continue;
         }
         const acc_t target_coef = (1 - eps) * (w ? w[y] : acc_t(1));
         const acc_t S = target_coef + spread_index_mass;
-        row_grad<acc_t>(dxi, xi, C, lse_in[i], g[i * g_stride], S, eps > 0 ? &spread : nullptr);
+        row_grad<acc_t>(dxi, xi, C, stats_in[i], g[i * g_stride], S, eps > 0 ? &spread : nullptr);
         // The target class, recomputed in the accumulation type and rounded once:
         // p_y * S - q_y nearly cancels when p_y is close to 1.
-        const acc_t p_y = std::exp(static_cast<acc_t>(xi[y]) - lse_in[i]);
+        const acc_t p_y = std::exp(stats_in[i].minus_lse(static_cast<acc_t>(xi[y])));
         const acc_t q_y = target_coef + (eps > 0 ? spread.at(y) : acc_t(0));
         dxi[y] = static_cast<scalar_t>(g[i * g_stride] * (p_y * S - q_y));
       }

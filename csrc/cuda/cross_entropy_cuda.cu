@@ -75,32 +75,44 @@ __device__ __forceinline__ acc_t lowest() {
 }
 
 // Online softmax statistics of a part of a row, plus the spread target mass
-// q_c and sum_c q_c * x_c over it.
+// q_c and sum_c q_c * (x_c - max) over it. Sums stay relative to the running
+// max, so logits near 1e4 lose nothing to cancellation.
 template <typename acc_t>
 struct RowState {
   acc_t max;       // running max; starts at the lowest finite value so -inf adds exp(-inf) = 0
   acc_t sum;       // sum of exp(x - max)
   acc_t mass;      // sum of spread q_c
-  acc_t mass_dot;  // sum of spread q_c * x_c
+  acc_t mass_dot;  // sum of spread q_c * (x_c - max)
 
-  __device__ void add(acc_t x) {
+  // Moves the sums to a new max m >= max.
+  __device__ __forceinline__ void rebase(acc_t m) {
+    sum *= exp_of(max - m);
+    if (mass != 0) mass_dot -= (m - max) * mass;  // guarded: an empty state may sit at the lowest value
+    max = m;
+  }
+  __device__ __forceinline__ void add(acc_t x) {
     if (x > max) {  // a NaN never takes this branch; it poisons sum instead
-      sum = sum * exp_of(max - x) + acc_t(1);
-      max = x;
+      rebase(x);
+      sum += acc_t(1);
     } else {
       sum += exp_of(x - max);
     }
   }
-  __device__ void merge(const RowState& o) {
+  __device__ __forceinline__ void add_mass(acc_t q, acc_t x) {  // after add(x)
+    mass += q;
+    mass_dot += q * (x - max);
+  }
+  __device__ void merge(RowState o) {
     const acc_t m = max > o.max ? max : o.max;
-    sum = sum * exp_of(max - m) + o.sum * exp_of(o.max - m);
-    max = m;
+    rebase(m);
+    o.rebase(m);
+    sum += o.sum;
     mass += o.mass;
     mass_dot += o.mass_dot;
   }
-  // log-sum-exp; a +inf logit makes the row NaN, as in torch.
-  __device__ acc_t lse() const {
-    return isinf(max) ? acc_t(NAN) : max + log(sum);
+  // log(sum), with +inf (a +inf logit) giving NaN for the row, as in torch.
+  __device__ acc_t log_sum() const {
+    return isinf(max) ? acc_t(NAN) : log(sum);
   }
 };
 
@@ -153,7 +165,7 @@ struct KernelArgs {
   const acc_t* w_sum;    // sum of w, or nullptr
   int64_t ignore_index;
   acc_t eps;             // label smoothing
-  const acc_t* lse;      // backward: the forward's lse
+  const acc_t* stats;    // backward: the forward's (max, log_sum) per row
   const acc_t* g;        // backward: grad_loss
   int64_t g_stride;      // 0 when autograd expanded one value
 };
@@ -196,7 +208,7 @@ struct RowTarget {
 template <typename scalar_t, int kThreads>
 __global__ void __launch_bounds__(kBlock) cross_entropy_fwd_kernel(
     KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, at::opmath_type<scalar_t>* loss,
-    at::opmath_type<scalar_t>* lse_out) {
+    at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   constexpr int kRowsPerBlock = kBlock / kThreads;
@@ -213,22 +225,20 @@ __global__ void __launch_bounds__(kBlock) cross_entropy_fwd_kernel(
       for (int k = 0; k < pack.size; ++k) {
         const acc_t v = static_cast<acc_t>(pack.v[k]);
         s.add(v);
-        if (target.has_spread) {
-          const acc_t q = target.spread.at(col + k);
-          s.mass += q;
-          s.mass_dot += q * v;
-        }
+        if (target.has_spread) s.add_mass(target.spread.at(col + k), v);
       }
     });
     s = group_merge<kThreads>(s, smem);
     if (lane == 0) {
-      const acc_t lse = s.lse();
-      lse_out[i] = lse;
+      const acc_t log_sum = s.log_sum();
+      stats[2 * i] = s.max;  // the row's (max, log_sum); lse = max + log_sum
+      stats[2 * i + 1] = log_sum;
       if (target.ignored) {
         loss[i] = 0;
       } else {
-        const acc_t x_y = target.y >= 0 ? static_cast<acc_t>(row[target.y]) : acc_t(0);
-        loss[i] = target.target_coef * (lse - x_y) + (s.mass * lse - s.mass_dot);
+        // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - max) so no large terms cancel.
+        const acc_t y_term = target.y >= 0 ? log_sum - (static_cast<acc_t>(row[target.y]) - s.max) : acc_t(0);
+        loss[i] = target.target_coef * y_term + (s.mass * log_sum - s.mass_dot);
       }
     }
   }
@@ -237,7 +247,7 @@ __global__ void __launch_bounds__(kBlock) cross_entropy_fwd_kernel(
 // Sum over a row's kThreads threads; every thread gets the result.
 template <int kThreads, typename acc_t>
 __device__ acc_t group_sum(acc_t v, RowState<acc_t>* smem) {
-  return group_merge<kThreads>(RowState<acc_t>{acc_t(0), acc_t(0), v, acc_t(0)}, smem).mass;
+  return group_merge<kThreads>(RowState<acc_t>{lowest<acc_t>(), acc_t(0), v, acc_t(0)}, smem).mass;
 }
 
 template <typename scalar_t, int kThreads>
@@ -264,7 +274,8 @@ __global__ void __launch_bounds__(kBlock) cross_entropy_bwd_kernel(
     }
     // An ignored row has no gradient, whatever grad_loss holds (it may be inf for an all-ignored mean).
     const acc_t g = target.ignored ? acc_t(0) : a.g[i * a.g_stride];
-    const acc_t lse = a.lse[i];
+    const acc_t row_max = a.stats[2 * i];  // x - lse is formed as (x - max) - log_sum
+    const acc_t log_sum = a.stats[2 * i + 1];
     auto write = [&](int64_t col, const auto& pack) {
       Pack<scalar_t, std::decay_t<decltype(pack)>::size> o;
 #pragma unroll
@@ -274,7 +285,7 @@ __global__ void __launch_bounds__(kBlock) cross_entropy_bwd_kernel(
         if (target.has_spread) q += target.spread.at(c);
         // The target class is formed here in acc_t and rounded once: p_y * S - q_y nearly cancels.
         o.v[k] = target.ignored ? scalar_t(0)
-                                : static_cast<scalar_t>(g * (exp_of(static_cast<acc_t>(pack.v[k]) - lse) * S - q));
+                                : static_cast<scalar_t>(g * (exp_of((static_cast<acc_t>(pack.v[k]) - row_max) - log_sum) * S - q));
       }
       *reinterpret_cast<decltype(o)*>(out + col) = o;
     };
@@ -353,33 +364,33 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
   at::Tensor loss = at::empty({N}, p.input.options().dtype(acc));
-  at::Tensor lse = at::empty({N}, p.input.options().dtype(acc));
-  if (N == 0) return {loss, lse};
+  at::Tensor stats = at::empty({N, 2}, p.input.options().dtype(acc));
+  if (N == 0) return {loss, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_for_classes<scalar_t, LaunchFwd>(
-        N, C, kernel_args<scalar_t>(p, ignore_index, label_smoothing), loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+        N, C, kernel_args<scalar_t>(p, ignore_index, label_smoothing), loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
   });
-  return {loss, lse};
+  return {loss, stats};
 }
 
 at::Tensor cross_entropy_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
+    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard device_guard(input.device());
   const PreparedArgs p = prepare_args(input, target, weight, label_smoothing);
-  check_backward_args(grad_loss, p.input, lse);
+  check_backward_args(grad_loss, p.input, stats);
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
   at::Tensor grad = at::empty({N, C}, p.input.options());
   if (N == 0) return grad;
   const at::Tensor g = grad_loss.to(acc);
-  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor stats_c = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto a = kernel_args<scalar_t>(p, ignore_index, label_smoothing);
-    a.lse = lse_c.const_data_ptr<acc_t>();
+    a.stats = stats_c.const_data_ptr<acc_t>();
     a.g = g.const_data_ptr<acc_t>();
     a.g_stride = g.stride(0);
     launch_for_classes<scalar_t, LaunchBwd>(N, C, a, grad.data_ptr<scalar_t>());

@@ -1,0 +1,188 @@
+"""fused_softmax.cross_entropy against torch.nn.functional.cross_entropy and float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_matches_torch
+
+import fused_softmax
+
+REDUCTIONS = ["none", "mean", "sum"]
+SHAPES = [(n, c) for c in (1, 2, 10, 1000, 32000, 50257) for n in (0, 1, 3, 4096) if n * c <= 4096 * 1000]
+SHAPES += [(64, 32000), (17, 50257)]  # the large vocabularies at a size the suite can afford
+
+
+def indices(n: int, c: int, device: str, dtype=torch.int64) -> torch.Tensor:
+    return torch.randint(0, c, (n,), device=device, dtype=dtype)
+
+
+def test_backend_is_compiled():
+    backend = fused_softmax.backend()
+    assert backend["cpu"].startswith("compiled C++ kernel"), backend
+
+
+@pytest.mark.parametrize("n,c", SHAPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_torch(device, n, c, reduction, dtype):
+    x = torch.randn(n, c, device=device, dtype=dtype) * 3
+    assert_matches_torch(x, indices(n, c, device), reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_int32_target(device, reduction):
+    x = torch.randn(50, 300, device=device)
+    y = indices(50, 300, device)
+    ours = fused_softmax.cross_entropy(x, y.int(), reduction=reduction)
+    torch.testing.assert_close(ours, F.cross_entropy(x, y, reduction=reduction))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("fraction", [0.3, 1.0])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_ignore_index(device, reduction, fraction, ignore_index):
+    x = torch.randn(200, 50, device=device)
+    y = indices(200, 50, device)
+    y[torch.rand(200, device=device) < fraction] = ignore_index
+    assert_matches_torch(x, y, reduction=reduction, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+def test_weights_ignore_and_smoothing(device, reduction, label_smoothing):
+    x = torch.randn(300, 77, device=device)
+    y = indices(300, 77, device)
+    y[::7] = -100
+    w = torch.rand(77, device=device) + 0.1
+    assert_matches_torch(x, y, weight=w, reduction=reduction, label_smoothing=label_smoothing)
+    assert_matches_torch(x, y, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_probability_targets(device, reduction, label_smoothing, weighted):
+    x = torch.randn(100, 33, device=device)
+    t = torch.softmax(torch.randn(100, 33, device=device), dim=1)
+    w = torch.rand(33, device=device) + 0.5 if weighted else None
+    assert_matches_torch(x, t, weight=w, reduction=reduction, label_smoothing=label_smoothing)
+
+
+def test_probability_targets_gradient_to_target(device):
+    x = torch.randn(20, 9, device=device, dtype=torch.float64)
+    t = torch.softmax(torch.randn(20, 9, device=device, dtype=torch.float64), 1)
+    w = torch.rand(9, device=device, dtype=torch.float64)
+    for fn in (fused_softmax.cross_entropy, F.cross_entropy):
+        tt = t.clone().requires_grad_(True)
+        fn(x, tt, weight=w, label_smoothing=0.1).backward()
+        if fn is fused_softmax.cross_entropy:
+            ours = tt.grad
+    torch.testing.assert_close(ours, tt.grad)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_spatial_and_unbatched(device, reduction, probabilities):
+    x = torch.randn(4, 11, 5, 6, device=device)  # (N, C, d1, d2)
+    y = torch.softmax(torch.randn_like(x), 1) if probabilities else torch.randint(0, 11, (4, 5, 6), device=device)
+    assert_matches_torch(x, y, reduction=reduction, label_smoothing=0.05)
+    x1 = torch.randn(11, device=device)  # (C,)
+    y1 = torch.softmax(torch.randn_like(x1), 0) if probabilities else torch.tensor(4, device=device)
+    assert_matches_torch(x1, y1, reduction=reduction)
+
+
+def test_non_contiguous(device):
+    base = torch.randn(64, 300, device=device)
+    y = indices(64, 250, device)
+    assert_matches_torch(base[:, :250], y)  # rows with stride 300 > C
+    assert_matches_torch(base[:, 1:251], y)  # rows that start off 16-byte boundaries
+    xt = torch.randn(250, 64, device=device).t()  # classes strided
+    assert_matches_torch(xt, y)
+    assert_matches_torch(base[::2, :250], y[::2])  # every other row
+    assert_matches_torch(base[:, :250], y.repeat(2)[::2])  # strided target
+    probs = torch.softmax(torch.randn(250, 64, device=device), 0).t()  # strided probability target
+    assert_matches_torch(xt, probs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4096, 1000), (64, 32000), (1, 50257), (2048, 10)])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_reduced_precision_within_twice_torch_error(device, dtype, shape, label_smoothing):
+    x = (torch.randn(shape, device=device) * 4).to(dtype)
+    assert_matches_torch(x, indices(shape[0], shape[1], device), label_smoothing=label_smoothing)
+    assert_matches_torch(x, indices(shape[0], shape[1], device), reduction="none")
+
+
+def test_half_mean_over_many_rows_is_finite(device):
+    # torch eager sums fp16 losses in fp16 and overflows at N >= 65504; we accumulate in fp32.
+    x = torch.randn(65536, 10, device=device).half()
+    y = indices(65536, 10, device)
+    ours = fused_softmax.cross_entropy(x, y)
+    exact = F.cross_entropy(x.double(), y)
+    assert torch.isfinite(ours)
+    assert abs(ours.double() - exact) <= 1e-3 * exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e4, 3e38])
+def test_extreme_logits(device, dtype, scale):
+    if dtype == torch.bfloat16 and scale > 1e38:
+        scale = 3e38  # bfloat16 also reaches 3e38
+    x = (torch.rand(40, 100, device=device) * 2 - 1).double() * scale
+    x = x.clamp(torch.finfo(dtype).min, torch.finfo(dtype).max).to(dtype)
+    y = indices(40, 100, device)
+    for reduction in REDUCTIONS:
+        assert_matches_torch(x, y, reduction=reduction)
+        assert_matches_torch(x, y, reduction=reduction, label_smoothing=0.1)
+
+
+def test_minus_inf_columns(device):
+    x = torch.randn(50, 64, device=device)
+    y = indices(50, 64, device)
+    mask = torch.rand(50, 64, device=device) < 0.5
+    mask[torch.arange(50), y] = False  # never the target
+    x = x.masked_fill(mask, float("-inf"))
+    for reduction in REDUCTIONS:
+        assert_matches_torch(x, y, reduction=reduction)
+    x[3, y[3]] = float("-inf")  # -inf at the target: infinite loss, as torch
+    assert_matches_torch(x, y, reduction="none")
+
+
+def test_nan_and_inf_rows_are_confined(device):
+    x = torch.randn(6, 20, device=device)
+    y = indices(6, 20, device)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    x[3] = float("-inf")
+    assert_matches_torch(x, y, reduction="none")
+    loss = fused_softmax.cross_entropy(x, y, reduction="none")
+    assert loss[[1, 2, 3]].isnan().all() and loss[[0, 4, 5]].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_module_matches_torch_module(device, dtype):
+    w = torch.rand(40, device=device) + 0.5
+    ours = fused_softmax.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(30, 40, device=device, dtype=dtype)
+    y = indices(30, 40, device)
+    torch.testing.assert_close(
+        ours(x, y).float(),
+        theirs(x.float(), y),
+        atol=2e-2 if dtype != torch.float32 else 1e-5,
+        rtol=1e-2 if dtype != torch.float32 else 1e-5,
+    )
+
+
+def test_legacy_size_average_and_reduce(device):
+    x = torch.randn(10, 5, device=device)
+    y = indices(10, 5, device)
+    for size_average, reduce in [(False, None), (None, False), (True, True)]:
+        with pytest.warns(UserWarning):
+            ours = fused_softmax.cross_entropy(x, y, size_average=size_average, reduce=reduce)
+        with pytest.warns(UserWarning):
+            theirs = F.cross_entropy(x, y, size_average=size_average, reduce=reduce)
+        torch.testing.assert_close(ours, theirs)
