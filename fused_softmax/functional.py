@@ -91,6 +91,8 @@ def _as_rows(
         target = target.to(input.dtype)
 
     num_classes = input.shape[0] if unbatched else input.shape[1]
+    if num_classes == 0:
+        raise ValueError(f"cross_entropy: input: expected at least one class, got shape {tuple(input.shape)}")
     if unbatched:
         rows, target = input.unsqueeze(0), target.unsqueeze(0)
     else:  # (N, C, d1, ..., dk) -> (N * d1 * ... * dk, C): classes last, one copy when they were not

@@ -36,7 +36,7 @@ def assert_matches_torch(input: torch.Tensor, target: torch.Tensor, **kwargs) ->
     theirs = loss_and_grad(F.cross_entropy, input, target, **kwargs)
     kwargs64 = {k: _as64(v) for k, v in kwargs.items()}
     exact = loss_and_grad(F.cross_entropy, input.double(), _as64(target), **kwargs64)
-    for name, a, b, ref in zip(("loss", "grad"), ours, theirs, exact):
+    for name, a, b, ref in zip(("loss", "grad"), ours, theirs, exact, strict=True):
         assert a.dtype == b.dtype == input.dtype, (name, a.dtype, b.dtype)
         assert a.shape == b.shape, (name, a.shape, b.shape)
         # Where the float64 result is not finite in input's dtype (NaN rows, overflow), ours is the same

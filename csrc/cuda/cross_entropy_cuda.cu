@@ -358,8 +358,8 @@ struct LaunchBwd {
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing) {
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing);  // checks devices first
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing);
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
@@ -377,9 +377,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
 at::Tensor cross_entropy_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing) {
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing);
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing);  // checks devices first
   check_backward_args(grad_loss, p.input, stats);
+  const c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());

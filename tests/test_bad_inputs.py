@@ -1,0 +1,146 @@
+"""Bad input gets an exception naming the argument and what is wrong; never a crash or a wrong number."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_softmax
+
+OPS = torch.ops.fused_softmax
+
+
+def x_y(device: str = "cpu"):
+    return torch.randn(4, 10, device=device), torch.randint(0, 10, (4,), device=device)
+
+
+CASES = [
+    # (name, call, exception, words the message must contain)
+    (
+        "target too large",
+        lambda x, y: fused_softmax.cross_entropy(x, torch.tensor([0, 1, 10, 2])),
+        RuntimeError,
+        ["target", "10", "position 2", "out of range"],
+    ),
+    (
+        "target negative",
+        lambda x, y: fused_softmax.cross_entropy(x, torch.tensor([0, -3, 1, 2])),
+        RuntimeError,
+        ["target", "-3", "out of range"],
+    ),
+    (
+        "target float16 indices",
+        lambda x, y: fused_softmax.cross_entropy(x, y.to(torch.int16)),
+        RuntimeError,
+        ["target", "int64 or int32"],
+    ),
+    ("target bool", lambda x, y: fused_softmax.cross_entropy(x, y > 3), RuntimeError, ["target", "Bool"]),
+    ("target shape", lambda x, y: fused_softmax.cross_entropy(x, y[:3]), ValueError, ["target", "(4,)", "(3,)"]),
+    (
+        "probability shape",
+        lambda x, y: fused_softmax.cross_entropy(x, torch.rand(4, 9)),
+        ValueError,
+        ["target", "(4, 10)", "(4, 9)"],
+    ),
+    (
+        "weight length",
+        lambda x, y: fused_softmax.cross_entropy(x, y, weight=torch.ones(9)),
+        RuntimeError,
+        ["weight", "10", "[9]"],
+    ),
+    (
+        "weight integer",
+        lambda x, y: fused_softmax.cross_entropy(x, y, weight=torch.ones(10, dtype=torch.int64)),
+        RuntimeError,
+        ["weight", "floating"],
+    ),
+    ("input integer", lambda x, y: fused_softmax.cross_entropy(x.long(), y), TypeError, ["input", "int64"]),
+    (
+        "op input dtype",
+        lambda x, y: OPS.cross_entropy_fwd(x.long(), y, None, -100, 0.0),
+        RuntimeError,
+        ["input", "unsupported dtype"],
+    ),
+    ("input 0-d", lambda x, y: fused_softmax.cross_entropy(x[0, 0], y[0]), ValueError, ["input", "0-d"]),
+    (
+        "input no classes",
+        lambda x, y: fused_softmax.cross_entropy(x[:, :0], y),
+        ValueError,
+        ["input", "at least one class"],
+    ),
+    ("op input 3-d", lambda x, y: OPS.cross_entropy_fwd(x[None], y, None, -100, 0.0), RuntimeError, ["input", "2-D"]),
+    ("reduction", lambda x, y: fused_softmax.cross_entropy(x, y, reduction="avg"), ValueError, ["reduction", "'avg'"]),
+    (
+        "label_smoothing high",
+        lambda x, y: fused_softmax.cross_entropy(x, y, label_smoothing=1.5),
+        ValueError,
+        ["label_smoothing", "1.5"],
+    ),
+    (
+        "label_smoothing negative",
+        lambda x, y: fused_softmax.cross_entropy(x, y, label_smoothing=-0.1),
+        ValueError,
+        ["label_smoothing", "-0.1"],
+    ),
+    (
+        "op label_smoothing",
+        lambda x, y: OPS.cross_entropy_fwd(x, y, None, -100, 2.0),
+        RuntimeError,
+        ["label_smoothing"],
+    ),
+    ("input not a tensor", lambda x, y: fused_softmax.cross_entropy(x.tolist(), y), TypeError, ["input", "list"]),
+    ("target not a tensor", lambda x, y: fused_softmax.cross_entropy(x, [1, 2, 3, 4]), TypeError, ["target", "list"]),
+    (
+        "weight requires grad",
+        lambda x, y: fused_softmax.cross_entropy(x, y, weight=torch.ones(10, requires_grad=True)),
+        ValueError,
+        ["weight", "detach"],
+    ),
+    (
+        "stats shape",
+        lambda x, y: OPS.cross_entropy_bwd(torch.ones(4), x, y, None, torch.zeros(4), -100, 0.0),
+        RuntimeError,
+        ["stats", "[4, 2]"],
+    ),
+    (
+        "grad_loss shape",
+        lambda x, y: OPS.cross_entropy_bwd(torch.ones(3), x, y, None, torch.zeros(4, 2), -100, 0.0),
+        RuntimeError,
+        ["grad_loss", "4 rows"],
+    ),
+]
+
+
+@pytest.mark.parametrize("name,call,exception,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_message(name, call, exception, words):
+    x, y = x_y()
+    with pytest.raises(exception) as info:
+        call(x, y)
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_out_of_range_target_in_backward_is_caught_too():
+    x, y = x_y()
+    loss, stats = OPS.cross_entropy_fwd(x, y, None, -100, 0.0)
+    with pytest.raises(RuntimeError, match="target: class index 12"):
+        OPS.cross_entropy_bwd(torch.ones(4), x, torch.tensor([0, 12, 1, 1]), None, stats, -100, 0.0)
+
+
+def test_ignore_index_outside_class_range_is_fine():
+    x, y = x_y()
+    y[0] = 1000
+    loss = fused_softmax.cross_entropy(x, y, ignore_index=1000, reduction="none")
+    assert loss[0] == 0 and (loss[1:] > 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("moved", ["input", "target", "weight"])
+def test_mixed_devices_name_the_argument(moved):
+    x, y = x_y()
+    args = {"input": x, "target": y, "weight": torch.ones(10)}
+    args[moved] = args[moved].cuda()
+    with pytest.raises(RuntimeError) as info:
+        fused_softmax.cross_entropy(args["input"], args["target"], weight=args["weight"])
+    assert ("target" if moved == "input" else moved) in str(info.value) and "cuda" in str(info.value)

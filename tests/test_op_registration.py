@@ -1,0 +1,156 @@
+"""The ops as torch sees them: gradcheck, opcheck, torch.compile, and the pure-PyTorch fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_softmax
+from fused_softmax import reference
+
+OPS = torch.ops.fused_softmax
+
+
+def _cases(device: str):
+    """(input, target, weight, ignore_index, label_smoothing) covering every target kind."""
+    x = torch.randn(7, 13, device=device, dtype=torch.float64)
+    y = torch.randint(0, 13, (7,), device=device)
+    y[2] = -100
+    w = torch.rand(13, device=device, dtype=torch.float64) + 0.5
+    probs = torch.softmax(torch.randn(7, 13, device=device, dtype=torch.float64), 1)
+    y5 = torch.where(y == -100, 5, y)
+    return [
+        (x, y, None, -100, 0.0),
+        (x, y, w, -100, 0.15),
+        (x, y5.int(), None, 5, 0.0),
+        (x, probs, w, -100, 0.1),
+        (x.t().contiguous().t(), probs, None, -100, 0.0),  # column-major input
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_gradcheck(device, case):
+    x, target, weight, ignore_index, smoothing = _cases(device)[case]
+    x = x.detach().requires_grad_(True)
+    for reduction in ("none", "mean", "sum"):
+        assert torch.autograd.gradcheck(
+            lambda x, reduction=reduction: fused_softmax.cross_entropy(
+                x, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing
+            ),
+            (x,),
+        )
+
+
+def test_gradcheck_probability_target(device):
+    x, target, weight, _, smoothing = _cases(device)[3]
+    target = target.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, t: fused_softmax.cross_entropy(x, t, weight, label_smoothing=smoothing),
+        (x.detach().requires_grad_(True), target),
+    )
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, case, dtype):
+    x, target, weight, ignore_index, smoothing = _cases(device)[case]
+    x = x.to(dtype).detach().requires_grad_(True)
+    if target.is_floating_point():
+        target = target.to(dtype)
+    args = (x, target, weight, ignore_index, smoothing)
+    torch.library.opcheck(OPS.cross_entropy_fwd.default, args)
+    loss, stats = OPS.cross_entropy_fwd(*args)
+    grad_loss = torch.randn_like(loss)
+    bwd_args = (grad_loss, x.detach(), target, weight, stats, ignore_index, smoothing)
+    torch.library.opcheck(OPS.cross_entropy_bwd.default, bwd_args)
+
+
+def test_backward_op_matches_reference_formula(device):
+    for x, target, weight, ignore_index, smoothing in _cases(device):
+        loss, stats = OPS.cross_entropy_fwd(x, target, weight, ignore_index, smoothing)
+        ref_loss, ref_stats = reference.cross_entropy_rows(x, target, weight, ignore_index, smoothing)
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(stats, ref_stats)
+        g = torch.randn_like(loss)
+        ours = OPS.cross_entropy_bwd(g, x, target, weight, stats, ignore_index, smoothing)
+        torch.testing.assert_close(
+            ours, reference.cross_entropy_rows_grad(g, x, target, weight, stats, ignore_index, smoothing)
+        )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_torch_compile_fullgraph_equals_eager(device, reduction, probabilities):
+    torch._dynamo.reset()
+    x = torch.randn(33, 100, device=device)
+    y = torch.softmax(torch.randn_like(x), 1) if probabilities else torch.randint(0, 100, (33,), device=device)
+    w = torch.rand(100, device=device) + 0.5
+
+    def step(x):
+        loss = fused_softmax.cross_entropy(x, y, weight=w, reduction=reduction, label_smoothing=0.1)
+        return loss.sum() if reduction == "none" else loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    results = []
+    for fn in (step, compiled):
+        xx = x.clone().requires_grad_(True)
+        loss = fn(xx)
+        loss.backward()
+        results.append((loss.detach(), xx.grad))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_torch_compile_inductor_cpu():
+    torch._dynamo.reset()
+    x = torch.randn(16, 50)
+    y = torch.randint(0, 50, (16,))
+    compiled = torch.compile(lambda x: fused_softmax.cross_entropy(x * 2, y), fullgraph=True)
+    torch.testing.assert_close(compiled(x), F.cross_entropy(x * 2, y))
+
+
+def test_fallback_without_compiled_kernels_warns_once_and_is_correct(tmp_path):
+    """When _C cannot be imported, the package still works and says why."""
+    script = textwrap.dedent(
+        """
+        import sys, warnings
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "fused_softmax._C":
+                    raise ImportError("simulated: built for another torch")
+        sys.meta_path.insert(0, Block())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fused_softmax
+        import torch, torch.nn.functional as F
+        msgs = [str(w.message) for w in caught if "fused_softmax" in str(w.message)]
+        assert len(msgs) == 1 and "simulated" in msgs[0] and "pip install" in msgs[0], msgs
+        assert "fallback" in fused_softmax.backend()["cpu"], fused_softmax.backend()
+        x = torch.randn(20, 30, requires_grad=True)
+        y = torch.randint(0, 30, (20,))
+        y[3] = -100
+        w = torch.rand(30)
+        for kw in ({}, {"weight": w, "label_smoothing": 0.1}, {"reduction": "none"}):
+            ours = fused_softmax.cross_entropy(x, y, **kw)
+            theirs = F.cross_entropy(x, y, **kw)
+            torch.testing.assert_close(ours, theirs)
+            g1, = torch.autograd.grad(ours.sum(), x)
+            g2, = torch.autograd.grad(theirs.sum(), x)
+            torch.testing.assert_close(g1, g2)
+        print("fallback ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok" in result.stdout
