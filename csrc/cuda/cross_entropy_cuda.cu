@@ -3,6 +3,8 @@
 // implementation of the same contract.
 //
 // Schedule: a group of kThreads consecutive threads owns one row at a time.
+// __launch_bounds__(kBlock, 1) lets ptxas use the registers it needs: with the
+// default occupancy target it capped the kernels at 64 and spilled.
 //   small C: kThreads = 32 (a warp per row, several rows per block; no __syncthreads)
 //   large C: kThreads = kBlock (the whole block per row)
 // Rows are visited grid-stride, so any N works with a bounded grid.
@@ -102,7 +104,7 @@ struct RowState {
     mass += q;
     mass_dot += q * (x - max);
   }
-  __device__ void merge(RowState o) {
+  __device__ __forceinline__ void merge(RowState o) {
     const acc_t m = max > o.max ? max : o.max;
     rebase(m);
     o.rebase(m);
@@ -111,7 +113,7 @@ struct RowState {
     mass_dot += o.mass_dot;
   }
   // log(sum), with +inf (a +inf logit) giving NaN for the row, as in torch.
-  __device__ acc_t log_sum() const {
+  __device__ __forceinline__ acc_t log_sum() const {
     return isinf(max) ? acc_t(NAN) : log(sum);
   }
 };
@@ -125,7 +127,7 @@ __device__ __forceinline__ RowState<acc_t> shuffle_xor(const RowState<acc_t>& s,
 
 // Merges the RowStates of a row's kThreads threads; every thread gets the result.
 template <int kThreads, typename acc_t>
-__device__ RowState<acc_t> group_merge(RowState<acc_t> s, RowState<acc_t>* smem) {
+__device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> s, RowState<acc_t>* smem) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) s.merge(shuffle_xor(s, offset));
   if constexpr (kThreads > kWarp) {
     const int warp = threadIdx.x / kWarp;
@@ -179,7 +181,7 @@ struct RowTarget {
   int64_t y;         // the target class of an index row, else -1
   acc_t target_coef; // (1 - eps) * w[y]: an index row's mass on its target class
 
-  __device__ RowTarget(const KernelArgs<scalar_t, acc_t>& a, int64_t i) {
+  __device__ __forceinline__ RowTarget(const KernelArgs<scalar_t, acc_t>& a, int64_t i) {
     spread = {nullptr, a.w, acc_t(1) - a.eps, a.eps / static_cast<acc_t>(a.C)};
     target_coef = 0;
     y = -1;
@@ -195,7 +197,8 @@ struct RowTarget {
       ignored = true;
       return;
     }
-    CUDA_KERNEL_ASSERT_MSG(cls >= 0 && cls < a.C, "fused_softmax: target: class index out of range");
+    // A device-side assert, as torch's own kernels do; the printed condition names the argument.
+    CUDA_KERNEL_ASSERT(cls >= 0 && cls < a.C && "fused_softmax: target: class index out of range");
     if (cls < 0 || cls >= a.C) {  // never read out of bounds, even if asserts are compiled out
       ignored = true;
       return;
@@ -206,7 +209,7 @@ struct RowTarget {
 };
 
 template <typename scalar_t, int kThreads>
-__global__ void __launch_bounds__(kBlock) cross_entropy_fwd_kernel(
+__global__ void __launch_bounds__(kBlock, 1) cross_entropy_fwd_kernel(
     KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, at::opmath_type<scalar_t>* loss,
     at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -246,12 +249,12 @@ __global__ void __launch_bounds__(kBlock) cross_entropy_fwd_kernel(
 
 // Sum over a row's kThreads threads; every thread gets the result.
 template <int kThreads, typename acc_t>
-__device__ acc_t group_sum(acc_t v, RowState<acc_t>* smem) {
+__device__ __forceinline__ acc_t group_sum(acc_t v, RowState<acc_t>* smem) {
   return group_merge<kThreads>(RowState<acc_t>{lowest<acc_t>(), acc_t(0), v, acc_t(0)}, smem).mass;
 }
 
 template <typename scalar_t, int kThreads>
-__global__ void __launch_bounds__(kBlock) cross_entropy_bwd_kernel(
+__global__ void __launch_bounds__(kBlock, 1) cross_entropy_bwd_kernel(
     KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);

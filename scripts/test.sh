@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what the tests need (scripts/setup.sh, then pytest and hypothesis) and runs them.
+#   bash scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+source .venv/bin/activate
+python -m pip install --quiet pytest hypothesis expecttest
+# Run from tests/ so the installed package, not the source tree, is imported.
+cd tests && python -m pytest -q -p no:cacheprovider "$@"
