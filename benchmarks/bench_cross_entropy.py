@@ -1,0 +1,236 @@
+"""Benchmark: fused_softmax.cross_entropy against torch eager, torch.compile and, where they import,
+Liger-Kernel and quack. Providers x modes x dtypes x shapes; median and p20/p80 of repeated runs,
+GB/s counted from the bytes a fused kernel must move, peak extra memory (CUDA).
+
+    python benchmarks/bench_cross_entropy.py --device cpu --shapes 4096x32000,65536x10
+    python benchmarks/bench_cross_entropy.py --device cuda --dtypes bf16,fp32 --json out.json
+
+Rows are appended to a CSV (default benchmarks/results/cross_entropy.csv) with the machine and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fused_softmax
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("forward", "backward", "full")
+
+
+def providers(device: str) -> dict[str, Callable]:
+    found: dict[str, Callable] = {
+        "fused": fused_softmax.cross_entropy,
+        "torch": F.cross_entropy,
+        "compile": torch.compile(F.cross_entropy, dynamic=False),
+    }
+    try:  # Liger-Kernel, when installed
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        if device == "cuda":
+            found["liger"] = liger_cross_entropy
+    except Exception:
+        pass
+    try:  # quack, when installed
+        from quack.cross_entropy import cross_entropy as quack_cross_entropy
+
+        if device == "cuda":
+            found["quack"] = lambda x, y: quack_cross_entropy(x, y).mean()
+    except Exception:
+        pass
+    return found
+
+
+class Timer:
+    """Wall time on the CPU; CUDA events on the GPU (no synchronisation inside the timed region)."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __call__(self, setup: Callable, timed: Callable, reps: int, warmup: int) -> list[float]:
+        times = []
+        for i in range(warmup + reps):
+            state = setup()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                timed(state)
+                end.record()
+                torch.cuda.synchronize()
+                elapsed = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                timed(state)
+                elapsed = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                times.append(elapsed)
+        return times
+
+
+def fused_bytes(mode: str, n: int, c: int, itemsize: int) -> int:
+    """Bytes a fused kernel must move: forward reads the logits; backward reads them and writes the grad."""
+    return {"forward": 1, "backward": 2, "full": 3}[mode] * n * c * itemsize
+
+
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]  # median, p20, p80
+
+
+def run_one(fn: Callable, mode: str, x0: torch.Tensor, y: torch.Tensor, timer: Timer, reps: int, warmup: int):
+    def fresh():
+        return x0.detach().clone().requires_grad_(True) if mode != "forward" else x0
+
+    if mode == "forward":
+        return timer(lambda: None, lambda _: fn(x0, y), reps, warmup)
+    if mode == "full":
+        return timer(lambda: fresh(), lambda x: fn(x, y).backward(), reps, warmup)
+    return timer(lambda: fn(fresh(), y), lambda loss: loss.backward(), reps, warmup)
+
+
+def copy_ms(x0: torch.Tensor, timer: Timer, reps: int) -> float:
+    out = torch.empty_like(x0)
+    return statistics.median(timer(lambda: None, lambda _: out.copy_(x0), reps, 2))
+
+
+def machine(device: str) -> dict:
+    info = {
+        "host_cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "backend": fused_softmax.backend()[device],
+        "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        if device == "cuda"
+        else f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '')}",
+    }
+    try:
+        info["host_cpu"] = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--modes", default="full,forward")
+    parser.add_argument("--providers", default="fused,torch,compile,liger,quack")
+    parser.add_argument("--shapes", default="65536x10,8192x1000,4096x32000,1024x128256")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--csv", default=str(Path(__file__).parent / "results" / "cross_entropy.csv"))
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = args.device
+    timer = Timer(device)
+    info = machine(device)
+    print("machine:", json.dumps(info))
+    available = providers(device)
+    wanted = [p for p in args.providers.split(",") if p in available]
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    print(
+        f"{'dtype':5} {'shape':>13} {'mode':8} {'provider':8} {'median ms':>10} {'p20':>8} {'p80':>8} "
+        f"{'GB/s':>7} {'x fused':>7} {'peak MiB':>8}"
+    )
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        for shape in args.shapes.split(","):
+            n, c = (int(v) for v in shape.split("x"))
+            x0 = torch.randn(n, c, device=device).to(dtype)
+            y = torch.randint(0, c, (n,), device=device)
+            copy = copy_ms(x0, timer, args.reps)
+            copy_gbs = 2 * x0.numel() * x0.element_size() / copy / 1e6
+            print(f"{dtype_name:5} {shape:>13} {'copy':8} {'-':8} {copy:10.3f} {'':>8} {'':>8} {copy_gbs:7.1f}")
+            rows.append(
+                dict(
+                    machine=json.dumps(info),
+                    time=stamp,
+                    device=device,
+                    dtype=dtype_name,
+                    n=n,
+                    c=c,
+                    mode="copy",
+                    provider="copy",
+                    median_ms=copy,
+                    p20_ms=copy,
+                    p80_ms=copy,
+                    gbps=copy_gbs,
+                    peak_mib="",
+                )
+            )
+            for mode in args.modes.split(","):
+                fused_median = None
+                for name in wanted:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    try:
+                        times = run_one(available[name], mode, x0, y, timer, args.reps, args.warmup)
+                    except Exception as error:  # a provider that cannot run this case is reported, not fatal
+                        print(f"{dtype_name:5} {shape:>13} {mode:8} {name:8} failed: {type(error).__name__}: {error}")
+                        continue
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+                    median, p20, p80 = quantiles(times)
+                    fused_median = median if name == "fused" else fused_median
+                    gbps = fused_bytes(mode, n, c, x0.element_size()) / median / 1e6
+                    ratio = median / fused_median if fused_median else float("nan")
+                    print(
+                        f"{dtype_name:5} {shape:>13} {mode:8} {name:8} {median:10.3f} {p20:8.3f} {p80:8.3f} "
+                        f"{gbps:7.1f} {ratio:7.2f} {peak:8.1f}"
+                    )
+                    rows.append(
+                        dict(
+                            machine=json.dumps(info),
+                            time=stamp,
+                            device=device,
+                            dtype=dtype_name,
+                            n=n,
+                            c=c,
+                            mode=mode,
+                            provider=name,
+                            median_ms=median,
+                            p20_ms=p20,
+                            p80_ms=p80,
+                            gbps=gbps,
+                            peak_mib=peak,
+                        )
+                    )
+            del x0
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    print(f"appended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

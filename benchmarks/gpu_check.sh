@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The prepared check for a lent GPU machine (its own python3 with torch and CUDA, nvcc, ninja;
+# no network). One command, under 8 minutes on an H100:
+#   1. build the extension in place for this GPU, with the ptxas register report (no spills allowed)
+#   2. run the test suite, CUDA tests included
+#   3. a short benchmark: fused vs torch eager vs torch.compile, fwd+bwd and forward
+#   4. compute-sanitizer memcheck and racecheck on small cases
+# Writes gpu_check.log, gpu_check.json and the benchmark rows to $OUT if set, else benchmarks/results/.
+#   bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+exec > >(tee "$out/gpu_check.log") 2>&1
+status() { echo "== $* ($(date -u +%H:%M:%S))"; }
+declare -A result
+
+status "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# pytest is not always on the GPU machine: install it from wheels carried in .gpu_wheels/ if needed
+# (prepare them here with `pip download pytest -d .gpu_wheels` and name .gpu_wheels in the run's carry).
+if ! python3 -c "import pytest" 2>/dev/null && [ -d .gpu_wheels ]; then
+  python3 -m pip install --quiet --no-index --find-links .gpu_wheels --target /tmp/gpu_check_site pytest \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+fi
+
+status "build"
+cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}" FUSED_SOFTMAX_CUDA=1 FUSED_SOFTMAX_PTXAS_VERBOSE=1
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if python3 setup.py build_ext --inplace > "$out/gpu_build.log" 2>&1; then result[build]=ok; else result[build]=failed; fi
+grep -E "^fused_softmax:|error" "$out/gpu_build.log" | head -20
+grep -A1 -E "Compiling entry function" "$out/gpu_build.log" | grep -E "Used [0-9]+ registers" | sort | uniq -c || true
+spills=$(grep -c "Registers are spilled" "$out/gpu_build.log")
+result[spills]=$spills
+echo "register spills reported by ptxas: $spills"
+python3 -c "import fused_softmax; print(fused_softmax.backend())"
+
+status "tests"
+(cd tests && timeout 240 python3 -m pytest -q -p no:cacheprovider) > "$out/gpu_tests.log" 2>&1
+tail -25 "$out/gpu_tests.log"
+result[tests]=$(tail -1 "$out/gpu_tests.log")
+
+status "benchmark"
+timeout 150 python3 benchmarks/bench_cross_entropy.py --device cuda --dtypes bf16 --modes full,forward \
+  --providers fused,torch,compile,liger,quack --shapes 4096x32000,1024x128256,65536x128 --reps 20 \
+  --csv "$out/cross_entropy_gpu.csv" --json "$out/gpu_bench_bf16.json"
+timeout 60 python3 benchmarks/bench_cross_entropy.py --device cuda --dtypes fp32 --modes full,forward \
+  --providers fused,torch --shapes 4096x32000,1024x128256,65536x128 --reps 20 \
+  --csv "$out/cross_entropy_gpu.csv" --json "$out/gpu_bench_fp32.json"
+
+for tool in memcheck racecheck; do
+  status "compute-sanitizer $tool"
+  if command -v compute-sanitizer > /dev/null; then
+    if timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 benchmarks/sanitizer_cases.py \
+      > "$out/sanitizer_$tool.log" 2>&1; then result[$tool]=clean; else result[$tool]="exit $?"; fi
+    tail -4 "$out/sanitizer_$tool.log"
+  else
+    result[$tool]="compute-sanitizer not found"
+  fi
+  echo "$tool: ${result[$tool]}"
+done
+
+status "summary"
+python3 - "$out" "${result[build]}" "${result[spills]}" "${result[tests]}" "${result[memcheck]}" \
+  "${result[racecheck]}" <<'PY'
+import json, sys, pathlib
+out, build, spills, tests, memcheck, racecheck = sys.argv[1:]
+bench = {}
+for name in ("gpu_bench_bf16.json", "gpu_bench_fp32.json"):
+    p = pathlib.Path(out) / name
+    if p.exists():
+        bench[name] = json.loads(p.read_text())
+summary = dict(build=build, register_spills=int(spills or 0), tests=tests, memcheck=memcheck,
+               racecheck=racecheck, benchmark=bench)
+(pathlib.Path(out) / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps({k: v for k, v in summary.items() if k != "benchmark"}, indent=1))
+PY
