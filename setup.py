@@ -86,7 +86,7 @@ def want_cuda() -> bool:
 def extension():
     vec_name, vec_flags = cpu_vector_flags()
     cxx = ["-O3", "-fopenmp", *vec_flags]  # the C++ standard is the one torch.utils.cpp_extension picks
-    sources = ["csrc/cross_entropy.cpp", "csrc/cpu/cross_entropy_cpu.cpp"]
+    sources = ["csrc/cross_entropy.cpp", "csrc/cross_entropy_autograd.cpp", "csrc/cpu/cross_entropy_cpu.cpp"]
     if not want_cuda():
         print(
             f"fused_softmax: building the CPU kernel ({vec_name}); CUDA kernels skipped "

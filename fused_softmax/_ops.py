@@ -1,9 +1,10 @@
 """The compiled ops, their torch.library registrations, and the fallback.
 
 torch.ops.fused_softmax.cross_entropy_fwd / cross_entropy_bwd are defined in
-csrc/cross_entropy.cpp; the dispatcher runs the CPU or CUDA kernel. Here they get
-a fake kernel (shapes only, so torch.compile can trace them) and an autograd
-formula. If the extension cannot be loaded, the same math runs in plain PyTorch
+csrc/cross_entropy.cpp; the dispatcher runs the CPU or CUDA kernel, and the
+forward's autograd is registered in C++ (csrc/cross_entropy_autograd.cpp). Here
+they get fake kernels (shapes only, so torch.compile can trace them). If the
+extension cannot be loaded, the same math runs in plain PyTorch
 (fused_softmax.reference) and one warning says why.
 """
 
@@ -62,30 +63,6 @@ if _C is not None:
     @torch.library.register_fake("fused_softmax::cross_entropy_bwd")
     def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing):
         return input.new_empty(input.shape)
-
-    def _setup_context(ctx, inputs, output):
-        input, target, weight, ignore_index, label_smoothing = inputs
-        ctx.mark_non_differentiable(output[1])  # stats serve backward; they are not a result to train on
-        ctx.save_for_backward(input, target, weight, output[1])
-        ctx.ignore_index = ignore_index
-        ctx.label_smoothing = label_smoothing
-
-    def _backward(ctx, grad_loss, _grad_stats):
-        input, target, weight, stats = ctx.saved_tensors
-        grad_input = grad_target = None
-        if ctx.needs_input_grad[0]:
-            grad_input = torch.ops.fused_softmax.cross_entropy_bwd(
-                grad_loss, input, target, weight, stats, ctx.ignore_index, ctx.label_smoothing
-            )
-        if ctx.needs_input_grad[1]:  # probability targets: d loss_i / d t_ic = (1 - eps) w_c (lse_i - x_ic)
-            acc = reference.accumulate_dtype(input.dtype)
-            scale = (1 - ctx.label_smoothing) * grad_loss.to(acc)[:, None]
-            if weight is not None:
-                scale = scale * weight.to(acc)
-            grad_target = (-scale * reference.minus_lse(input.to(acc), stats)).to(target.dtype)
-        return grad_input, grad_target, None, None, None
-
-    torch.library.register_autograd("fused_softmax::cross_entropy_fwd", _backward, setup_context=_setup_context)
 
     if not _C.cuda_built():  # CUDA tensors still work, through the reference math
 

@@ -39,19 +39,23 @@ def cross_entropy(
     loss = _ops.cross_entropy_rows(rows, target_rows, weight, ignore_index, label_smoothing)
 
     if reduction == "none":
-        return loss.reshape(rows_shape).to(input.dtype)
+        return _as_dtype(loss.reshape(rows_shape), input.dtype)
     total = loss.sum()
     if reduction == "sum":
-        return total.to(input.dtype)
+        return _as_dtype(total, input.dtype)
     if target_rows.is_floating_point():  # torch divides probability-target losses by the row count
-        return (total / rows.shape[0]).to(input.dtype)
+        return _as_dtype(total / rows.shape[0], input.dtype)
     counted = target_rows != ignore_index
     if weight is None:
         denominator = counted.sum()
     else:  # the summed weights of the targets that count
         class_weight = weight.to(loss.dtype)[torch.where(counted, target_rows, 0)]
         denominator = (class_weight * counted).sum()
-    return (total / denominator).to(input.dtype)  # all ignored: 0 / 0 = nan, as in torch
+    return _as_dtype(total / denominator, input.dtype)  # all ignored: 0 / 0 = nan, as in torch
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips a dispatcher call on the common float32 path
 
 
 def _as_rows(
@@ -95,6 +99,8 @@ def _as_rows(
         raise ValueError(f"cross_entropy: input: expected at least one class, got shape {tuple(input.shape)}")
     if unbatched:
         rows, target = input.unsqueeze(0), target.unsqueeze(0)
+    elif input.dim() == 2:
+        rows = input
     else:  # (N, C, d1, ..., dk) -> (N * d1 * ... * dk, C): classes last, one copy when they were not
         rows = input.movedim(1, -1).reshape(-1, num_classes)
         target = target.movedim(1, -1).reshape(-1, num_classes) if probabilities else target.reshape(-1)

@@ -125,10 +125,12 @@ RowSums<acc_t> row_sums(const scalar_t* x, int64_t C, acc_t m, const SpreadMass<
     }
   }
   auto add = [](Vec& a, Vec& b) { return a + b; };
-  return {
-      at::vec::vec_reduce_all<acc_t>(add, sum_exp),
-      at::vec::vec_reduce_all<acc_t>(add, mass),
-      at::vec::vec_reduce_all<acc_t>(add, mass_dot)};
+  RowSums<acc_t> sums{at::vec::vec_reduce_all<acc_t>(add, sum_exp), 0, 0};
+  if (spread) {  // horizontal sums cost as much as a short row: only the ones needed
+    sums.mass = at::vec::vec_reduce_all<acc_t>(add, mass);
+    sums.mass_dot = at::vec::vec_reduce_all<acc_t>(add, mass_dot);
+  }
+  return sums;
 }
 
 template <typename acc_t, typename scalar_t>

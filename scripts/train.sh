@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs everything (scripts/setup.sh, Fashion-MNIST from Debian's package) and trains d2l's
+# softmax regression with the fused loss.   bash scripts/train.sh [trainer options]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/data.sh
+# shellcheck disable=SC1091
+source .venv/bin/activate
+python -m fused_softmax.train "$@"
