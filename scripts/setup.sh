@@ -18,7 +18,7 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 # --no-build-isolation: compile against the torch just installed (an isolated build would
 # fetch its own torch, and an extension built for another torch cannot load).
 python -m pip install --no-build-isolation --verbose . 2>&1 | tee build.log | grep -E "^fused_softmax:|ptxas warning|error" || true
-grep -q "Successfully installed fused_softmax" build.log || { echo "fused_softmax: build failed, see build.log"; exit 1; }
+grep -qE "^Successfully installed .*fused_softmax-" build.log || { echo "fused_softmax: build failed, see build.log"; exit 1; }
 if grep -q "Registers are spilled" build.log; then
   echo "fused_softmax: the CUDA register report shows spills (see build.log)"; exit 1
 fi

@@ -166,6 +166,49 @@ void row_grad(
   }
 }
 
+// Small C: K = Vec::size() rows at a time, one row per vector lane. A row of
+// 10 classes fills under one vector, and its max and sum would cost two
+// horizontal reductions; across lanes they are plain vertical operations.
+constexpr int64_t kMaxSmallClasses = 32;
+
+// Copies rows [0, rows) of a K-row block into buf[c * K + r] (lane r = row r; lanes past rows are 0).
+template <typename acc_t, typename scalar_t>
+void transpose_in(const scalar_t* x, int64_t x_stride, int64_t rows, int64_t C, acc_t* buf) {
+  constexpr int64_t K = Vectorized<acc_t>::size();
+  std::fill(buf, buf + C * K, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) buf[c * K + r] = static_cast<acc_t>(x[r * x_stride + c]);
+}
+
+// Max and sums of a block of index-target rows (the spread mass, if any, is b * w_c on every row).
+template <typename acc_t>
+void block_sums(const acc_t* buf, int64_t C, const acc_t* w, acc_t b, bool spread, acc_t* m_out,
+                RowSums<acc_t>* sums_out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  Vec m(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t c = 0; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(buf + c * K));
+  Vec sum_exp(0), mass(0), mass_dot(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec xm = Vec::loadu(buf + c * K) - m;
+    sum_exp += vexp(xm);
+    if (spread) {
+      const Vec q(w ? b * w[c] : b);
+      mass += q;
+      mass_dot = at::vec::fmadd(q, xm, mass_dot);
+    }
+  }
+  __at_align__ acc_t lanes[4][K];
+  m.store(lanes[0]);
+  sum_exp.store(lanes[1]);
+  mass.store(lanes[2]);
+  mass_dot.store(lanes[3]);
+  for (int64_t r = 0; r < K; ++r) {
+    m_out[r] = lanes[0][r];
+    sums_out[r] = {lanes[1][r], lanes[2][r], lanes[3][r]};
+  }
+}
+
 // Rows per task for at::parallel_for: about 32K elements each.
 int64_t grain_rows(int64_t C) {
   return std::max<int64_t>(1, 32768 / C);
@@ -212,32 +255,48 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     acc_t* loss_out = loss.data_ptr<acc_t>();
     RowStats<acc_t>* stats_out = reinterpret_cast<RowStats<acc_t>*>(stats.data_ptr<acc_t>());
 
-    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* xi = x + i * x_stride;
-        SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
-        acc_t target_coef = 0;  // (1 - eps) * w[y]: the mass on an index row's target class
-        acc_t target_xm = 0;    // x[y] - m
-        int64_t y = -1;
-        if (p.probabilities) {
-          spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
-        } else {
-          y = p.target.const_data_ptr<int64_t>()[i];
-          if (y != ignore_index) target_coef = (1 - eps) * (w ? w[y] : acc_t(1));
-        }
-        const bool has_spread = p.probabilities || eps > 0;
-        const acc_t m = row_max<acc_t>(xi, C);
-        const RowSums<acc_t> s = row_sums<acc_t>(xi, C, m, has_spread ? &spread : nullptr);
-        // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
-        const acc_t log_sum = std::isfinite(m) ? std::log(s.sum_exp) : std::numeric_limits<acc_t>::quiet_NaN();
-        stats_out[i] = {m, log_sum};
-        if (y == ignore_index && !p.probabilities) {
+    const bool has_spread = p.probabilities || eps > 0;
+    const bool small = !p.probabilities && C <= kMaxSmallClasses;
+
+    // The loss of row i from its max m and sums: sum_c q_c * (lse - x_c), with
+    // lse - x_c = log_sum - (x_c - m) so no large terms cancel.
+    auto finish_row = [&](int64_t i, acc_t m, const RowSums<acc_t>& sums) {
+      // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
+      const acc_t log_sum = std::isfinite(m) ? std::log(sums.sum_exp) : std::numeric_limits<acc_t>::quiet_NaN();
+      stats_out[i] = {m, log_sum};
+      acc_t target_term = 0;  // (1 - eps) * w[y] * (lse - x[y]) for class indices
+      if (!p.probabilities) {
+        const int64_t y = p.target.const_data_ptr<int64_t>()[i];
+        if (y == ignore_index) {
           loss_out[i] = 0;
-          continue;
+          return;
         }
-        if (!p.probabilities) target_xm = static_cast<acc_t>(xi[y]) - m;
-        // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
-        loss_out[i] = target_coef * (log_sum - target_xm) + (s.mass * log_sum - s.mass_dot);
+        const acc_t target_coef = (1 - eps) * (w ? w[y] : acc_t(1));
+        target_term = target_coef * (log_sum - (static_cast<acc_t>(x[i * x_stride + y]) - m));
+      }
+      loss_out[i] = target_term + (sums.mass * log_sum - sums.mass_dot);
+    };
+
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      constexpr int64_t K = Vectorized<acc_t>::size();
+      __at_align__ acc_t buf[kMaxSmallClasses * K];
+      acc_t m[K];
+      RowSums<acc_t> sums[K];
+      for (int64_t i0 = begin; i0 < end; i0 += K) {
+        const int64_t rows = std::min(K, end - i0);
+        if (small) {
+          transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
+          block_sums<acc_t>(buf, C, w, spread_b, has_spread, m, sums);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            const scalar_t* xi = x + (i0 + r) * x_stride;
+            SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
+            if (p.probabilities) spread.t = p.target.const_data_ptr<scalar_t>() + (i0 + r) * p.target.stride(0);
+            m[r] = row_max<acc_t>(xi, C);
+            sums[r] = row_sums<acc_t>(xi, C, m[r], has_spread ? &spread : nullptr);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) finish_row(i0 + r, m[r], sums[r]);
       }
     });
   });
@@ -271,34 +330,74 @@ at::Tensor cross_entropy_bwd_cpu(
     const acc_t spread_b = eps / static_cast<acc_t>(C);
     const acc_t spread_index_mass = spread_b * (p.weight.defined() ? p.weight_sum.item<acc_t>() : static_cast<acc_t>(C));
 
-    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* xi = x + i * x_stride;
-        scalar_t* dxi = dx + i * C;
-        SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
-        const bool ignored = !p.probabilities && p.target.const_data_ptr<int64_t>()[i] == ignore_index;
-        if (std::isnan(stats_in[i].log_sum) && !ignored) {  // the forward found a NaN row
-          std::fill(dxi, dxi + C, std::numeric_limits<scalar_t>::quiet_NaN());
-          continue;
-        }
-        if (p.probabilities) {
-          spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
-          row_grad<acc_t>(dxi, xi, C, stats_in[i], g[i * g_stride], row_mass<acc_t>(C, spread), &spread);
-          continue;
-        }
-        const int64_t y = p.target.const_data_ptr<int64_t>()[i];
-        if (ignored) {
-          std::fill(dxi, dxi + C, scalar_t(0));  // an ignored row has no gradient, whatever grad_loss holds
-          continue;
-        }
-        const acc_t target_coef = (1 - eps) * (w ? w[y] : acc_t(1));
-        const acc_t S = target_coef + spread_index_mass;
-        row_grad<acc_t>(dxi, xi, C, stats_in[i], g[i * g_stride], S, eps > 0 ? &spread : nullptr);
-        // The target class, recomputed in the accumulation type and rounded once:
-        // p_y * S - q_y nearly cancels when p_y is close to 1.
-        const acc_t p_y = std::exp(stats_in[i].minus_lse(static_cast<acc_t>(xi[y])));
-        const acc_t q_y = target_coef + (eps > 0 ? spread.at(y) : acc_t(0));
+    const bool small = !p.probabilities && C <= kMaxSmallClasses;
+    const int64_t* y_in = p.probabilities ? nullptr : p.target.const_data_ptr<int64_t>();
+    auto target_coef = [&](int64_t y) { return (1 - eps) * (w ? w[y] : acc_t(1)); };
+
+    // Row i apart from the bulk: NaN rows, ignored rows, and the target class,
+    // recomputed in the accumulation type and rounded once (p_y * S - q_y nearly
+    // cancels when p_y is close to 1).
+    auto finish_row = [&](int64_t i) {
+      scalar_t* dxi = dx + i * C;
+      const bool ignored = y_in && y_in[i] == ignore_index;
+      if (ignored) {
+        std::fill(dxi, dxi + C, scalar_t(0));  // no gradient, whatever grad_loss holds
+      } else if (std::isnan(stats_in[i].log_sum)) {  // the forward found a NaN row
+        std::fill(dxi, dxi + C, std::numeric_limits<scalar_t>::quiet_NaN());
+      } else if (y_in) {
+        const int64_t y = y_in[i];
+        const acc_t S = target_coef(y) + spread_index_mass;
+        const acc_t p_y = std::exp(stats_in[i].minus_lse(static_cast<acc_t>(x[i * x_stride + y])));
+        const acc_t q_y = target_coef(y) + spread_b * (w ? w[y] : acc_t(1));
         dxi[y] = static_cast<scalar_t>(g[i * g_stride] * (p_y * S - q_y));
+      }
+    };
+
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      using Vec = Vectorized<acc_t>;
+      constexpr int64_t K = Vec::size();
+      __at_align__ acc_t buf[kMaxSmallClasses * K];
+      __at_align__ acc_t lane_max[K], lane_log_sum[K], lane_S[K], lane_g[K];
+      for (int64_t i0 = begin; i0 < end; i0 += K) {
+        const int64_t rows = std::min(K, end - i0);
+        if (small) {  // K rows at once, one per lane; finish_row mends the special rows after
+          std::fill(lane_g, lane_g + K, acc_t(0));
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            const bool ignored = y_in[i] == ignore_index;
+            lane_max[r] = stats_in[i].max;
+            lane_log_sum[r] = stats_in[i].log_sum;
+            lane_S[r] = (ignored ? acc_t(0) : target_coef(y_in[i])) + spread_index_mass;
+            lane_g[r] = g[i * g_stride];
+          }
+          transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
+          const Vec vmax = Vec::loadu(lane_max), vlog = Vec::loadu(lane_log_sum), vS = Vec::loadu(lane_S);
+          const Vec vg = Vec::loadu(lane_g);
+          for (int64_t c = 0; c < C; ++c) {
+            Vec grad = vexp((Vec::loadu(buf + c * K) - vmax) - vlog) * vS;
+            if (eps > 0) grad = grad - Vec(spread_b * (w ? w[c] : acc_t(1)));
+            (vg * grad).store(buf + c * K);
+          }
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
+        } else {
+          for (int64_t i = i0; i < i0 + rows; ++i) {
+            SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
+            acc_t S;
+            if (p.probabilities) {
+              spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
+              S = row_mass<acc_t>(C, spread);
+            } else if (y_in[i] != ignore_index) {
+              S = target_coef(y_in[i]) + spread_index_mass;
+            } else {
+              continue;  // finish_row writes the zeros
+            }
+            const bool has_spread = p.probabilities || eps > 0;
+            row_grad<acc_t>(dx + i * C, x + i * x_stride, C, stats_in[i], g[i * g_stride], S,
+                            has_spread ? &spread : nullptr);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) finish_row(i0 + r);
       }
     });
   });
