@@ -77,13 +77,21 @@ bool check_cross_entropy_args(
 }
 }  // namespace
 
-void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& stats) {
+void check_backward_args(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& stats, int64_t reduction) {
   const int64_t rows = input.size(0);
   const auto acc = accumulate_type(input.scalar_type());
-  TORCH_CHECK(
-      grad_loss.dim() == 1 && grad_loss.size(0) == rows && grad_loss.device() == input.device(),
-      "fused_softmax: grad_loss: expected a 1-D tensor of ", rows, " rows on ", input.device(), ", got shape ",
-      shape_of(grad_loss), " on ", grad_loss.device());
+  if (reduction == kNone) {
+    TORCH_CHECK(
+        grad_loss.dim() == 1 && grad_loss.size(0) == rows && grad_loss.device() == input.device(),
+        "fused_softmax: grad_loss: expected a 1-D tensor of ", rows, " rows on ", input.device(), ", got shape ",
+        shape_of(grad_loss), " on ", grad_loss.device());
+  } else {
+    TORCH_CHECK(
+        grad_loss.dim() == 0 && grad_loss.device() == input.device(),
+        "fused_softmax: grad_loss: expected a 0-dim tensor on ", input.device(), " for a reduced loss, got shape ",
+        shape_of(grad_loss), " on ", grad_loss.device());
+  }
   TORCH_CHECK(
       stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 2 && stats.device() == input.device() &&
           stats.scalar_type() == acc,
@@ -100,7 +108,11 @@ PreparedArgs prepare_args(
     const at::Tensor& input,
     const at::Tensor& target,
     const std::optional<at::Tensor>& weight,
-    double label_smoothing) {
+    double label_smoothing,
+    int64_t reduction) {
+  TORCH_CHECK(
+      reduction == kNone || reduction == kMean || reduction == kSum,
+      "fused_softmax: reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   PreparedArgs p;
   p.probabilities = check_cross_entropy_args(input, target, weight, label_smoothing);
   p.input = input.stride(1) == 1 ? input : input.contiguous();
@@ -120,15 +132,15 @@ PreparedArgs prepare_args(
 
 // The schemas, defined once; each backend registers its kernels in its own file.
 TORCH_LIBRARY(fused_softmax, m) {
-  // Per-row losses (reduction='none', in the accumulation dtype) and the per-row
-  // statistics (max, log_sum) that backward needs; lse = max + log_sum.
+  // The loss (per row for reduction 0, else 0-dim; in the accumulation dtype) and
+  // the per-row statistics (max, log_sum) that backward needs; lse = max + log_sum.
   m.def(
-      "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing)"
-      " -> (Tensor loss, Tensor stats)");
-  // d(sum_i grad_loss[i] * loss[i]) / d input, in one pass over input.
+      "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+      "int reduction) -> (Tensor loss, Tensor stats)");
+  // d(grad_loss . loss) / d input, in one pass over input.
   m.def(
       "cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
-      "int ignore_index, float label_smoothing) -> Tensor");
+      "int ignore_index, float label_smoothing, int reduction) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -13,8 +13,11 @@
 //   loss[i]  = sum_c q[i, c] * (lse[i] - x[i, c])       (0 for an ignored row)
 //   dx[i, c] = grad_loss[i] * (exp(x[i, c] - lse[i]) * S[i] - q[i, c])   (0 for an ignored row)
 //
-// This is exactly torch.nn.functional.cross_entropy with reduction='none'; the
-// reductions are done in Python on the float32 (float64) per-row losses.
+// This is torch.nn.functional.cross_entropy with reduction='none'. The ops also
+// reduce, as torch's nll_loss does (reduction: 0 none, 1 mean, 2 sum): 'mean'
+// divides the sum by D = sum of w[y_i] over the rows not ignored (class
+// indices) or by N (class probabilities); backward then spreads one grad_loss
+// value over the rows. Losses and sums are in the accumulation dtype.
 //
 // The forward saves, per row, stats = (max, log_sum) in the accumulation dtype
 // rather than their sum lse: backward forms x - lse as (x - max) - log_sum,
@@ -31,7 +34,10 @@ namespace fused_softmax {
 void check_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& input,
-    const at::Tensor& stats);
+    const at::Tensor& stats,
+    int64_t reduction);
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };  // as at::Reduction
 
 // The accumulation dtype: float32 for float16/bfloat16/float32, float64 for float64.
 at::ScalarType accumulate_type(at::ScalarType input_dtype);
@@ -49,6 +55,7 @@ PreparedArgs prepare_args(
     const at::Tensor& input,
     const at::Tensor& target,
     const std::optional<at::Tensor>& weight,
-    double label_smoothing);
+    double label_smoothing,
+    int64_t reduction);
 
 }  // namespace fused_softmax

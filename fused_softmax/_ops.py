@@ -44,35 +44,38 @@ def backend() -> dict[str, str]:
     }
 
 
-def cross_entropy_rows(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
+def cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float, reduction: str
 ) -> Tensor:
-    """Per-row losses (reduction='none') of 2-D input, in the accumulation dtype; differentiable."""
+    """The loss of 2-D input (per row for 'none', else 0-dim), in the accumulation dtype; differentiable."""
+    args = (input, target, weight, ignore_index, label_smoothing, reference.REDUCTIONS.index(reduction))
     if _C is None:
-        return reference.cross_entropy_rows(input, target, weight, ignore_index, label_smoothing)[0]
-    return torch.ops.fused_softmax.cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing)[0]
+        return reference.cross_entropy(*args)[0]
+    return _FWD(*args)[0]
 
 
 if _C is not None:
+    _FWD = torch.ops.fused_softmax.cross_entropy_fwd.default  # the overload itself: less Python per call
 
     @torch.library.register_fake("fused_softmax::cross_entropy_fwd")
-    def _fwd_fake(input, target, weight, ignore_index, label_smoothing):
+    def _fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction):
         acc = reference.accumulate_dtype(input.dtype)
-        return input.new_empty((input.shape[0],), dtype=acc), input.new_empty((input.shape[0], 2), dtype=acc)
+        loss_shape = (input.shape[0],) if reduction == 0 else ()
+        return input.new_empty(loss_shape, dtype=acc), input.new_empty((input.shape[0], 2), dtype=acc)
 
     @torch.library.register_fake("fused_softmax::cross_entropy_bwd")
-    def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing):
+    def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction):
         return input.new_empty(input.shape)
 
     if not _C.cuda_built():  # CUDA tensors still work, through the reference math
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_fwd", "cuda")
-        def _fwd_cuda_fallback(input, target, weight, ignore_index, label_smoothing):
+        def _fwd_cuda_fallback(input, target, weight, ignore_index, label_smoothing, reduction):
             with torch.no_grad():
-                return reference.cross_entropy_rows(input, target, weight, ignore_index, label_smoothing)
+                return reference.cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction)
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_bwd", "cuda")
-        def _bwd_cuda_fallback(grad_loss, input, target, weight, stats, ignore_index, label_smoothing):
+        def _bwd_cuda_fallback(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction):
             return reference.cross_entropy_rows_grad(
-                grad_loss, input, target, weight, stats, ignore_index, label_smoothing
+                grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction
             )

@@ -1,8 +1,8 @@
 """fused_softmax.cross_entropy: a drop-in for torch.nn.functional.cross_entropy.
 
-Layering: the kernels (csrc/) compute per-row losses of a 2-D (rows, classes)
-view; this module checks the user's arguments, folds every accepted layout into
-that view, and applies the reduction in float32 (float64 for float64 input).
+Layering: the ops (csrc/) compute the loss of a 2-D (rows, classes) view, per
+row or reduced in the accumulation dtype; this module checks the user's
+arguments, folds every accepted layout into that view, and shapes the result.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-
-_REDUCTIONS = ("none", "mean", "sum")
+from .reference import REDUCTIONS
 
 
 def cross_entropy(
@@ -36,22 +35,10 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     rows, target_rows, rows_shape = _as_rows(input, target, reduction, label_smoothing, weight)
-    loss = _ops.cross_entropy_rows(rows, target_rows, weight, ignore_index, label_smoothing)
-
+    loss = _ops.cross_entropy(rows, target_rows, weight, ignore_index, label_smoothing, reduction)
     if reduction == "none":
-        return _as_dtype(loss.reshape(rows_shape), input.dtype)
-    total = loss.sum()
-    if reduction == "sum":
-        return _as_dtype(total, input.dtype)
-    if target_rows.is_floating_point():  # torch divides probability-target losses by the row count
-        return _as_dtype(total / rows.shape[0], input.dtype)
-    counted = target_rows != ignore_index
-    if weight is None:
-        denominator = counted.sum()
-    else:  # the summed weights of the targets that count
-        class_weight = weight.to(loss.dtype)[torch.where(counted, target_rows, 0)]
-        denominator = (class_weight * counted).sum()
-    return _as_dtype(total / denominator, input.dtype)  # all ignored: 0 / 0 = nan, as in torch
+        loss = loss.reshape(rows_shape)
+    return _as_dtype(loss, input.dtype)  # 'mean' with every target ignored: 0 / 0 = nan, as in torch
 
 
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -68,8 +55,8 @@ def _as_rows(
         raise TypeError(f"cross_entropy: target: expected a torch.Tensor, got {type(target).__name__}")
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(f"cross_entropy: weight: expected a torch.Tensor or None, got {type(weight).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"cross_entropy: reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing: expected a value in [0, 1], got {label_smoothing}")
     if not input.is_floating_point():

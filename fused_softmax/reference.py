@@ -37,6 +37,30 @@ def _target_mass(
     return q * valid[:, None], valid
 
 
+REDUCTIONS = ("none", "mean", "sum")  # the ops' reduction argument is the index here, as at::Reduction
+
+
+def cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float, reduction: int
+) -> tuple[Tensor, Tensor]:
+    """The forward op's contract: the loss (per row, or reduced) and stats (max, log_sum); differentiable."""
+    rows, stats = cross_entropy_rows(input, target, weight, ignore_index, label_smoothing)
+    if reduction == 0:
+        return rows, stats
+    total = rows.sum()
+    return (total / mean_divisor(target, weight, ignore_index, rows.dtype) if reduction == 1 else total), stats
+
+
+def mean_divisor(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """What 'mean' divides by: the summed weights of the rows not ignored, or the row count for probabilities."""
+    if target.is_floating_point():
+        return torch.tensor(float(target.shape[0]), dtype=dtype, device=target.device)
+    counted = target != ignore_index
+    if weight is None:
+        return counted.sum().to(dtype)
+    return (weight.to(dtype)[torch.where(counted, target, 0)] * counted).sum()
+
+
 def cross_entropy_rows(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
 ) -> tuple[Tensor, Tensor]:
@@ -73,10 +97,14 @@ def cross_entropy_rows_grad(
     stats: Tensor,
     ignore_index: int,
     label_smoothing: float,
+    reduction: int,
 ) -> Tensor:
-    """d(sum_i grad_loss[i] * loss[i]) / d input = grad_loss[i] * (softmax * S[i] - q[i, :])."""
+    """The backward op's contract: d(grad_loss . loss) / d input = g[i] * (softmax * S[i] - q[i, :])."""
     acc = accumulate_dtype(input.dtype)
     x = input.to(acc)
+    if reduction != 0:  # one value for every row
+        divisor = mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else 1
+        grad_loss = (grad_loss.to(acc) / divisor).expand(x.shape[0])
     q, valid = _target_mass(target, weight, ignore_index, label_smoothing, x.shape[1], acc)
     p = torch.exp(minus_lse(x, stats.to(acc)))
     grad = grad_loss.to(acc)[:, None] * (p * q.sum(1, keepdim=True) - q)

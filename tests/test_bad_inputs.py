@@ -57,7 +57,7 @@ CASES = [
     ("input integer", lambda x, y: fused_softmax.cross_entropy(x.long(), y), TypeError, ["input", "int64"]),
     (
         "op input dtype",
-        lambda x, y: OPS.cross_entropy_fwd(x.long(), y, None, -100, 0.0),
+        lambda x, y: OPS.cross_entropy_fwd(x.long(), y, None, -100, 0.0, 1),
         RuntimeError,
         ["input", "unsupported dtype"],
     ),
@@ -68,7 +68,12 @@ CASES = [
         ValueError,
         ["input", "at least one class"],
     ),
-    ("op input 3-d", lambda x, y: OPS.cross_entropy_fwd(x[None], y, None, -100, 0.0), RuntimeError, ["input", "2-D"]),
+    (
+        "op input 3-d",
+        lambda x, y: OPS.cross_entropy_fwd(x[None], y, None, -100, 0.0, 1),
+        RuntimeError,
+        ["input", "2-D"],
+    ),
     ("reduction", lambda x, y: fused_softmax.cross_entropy(x, y, reduction="avg"), ValueError, ["reduction", "'avg'"]),
     (
         "label_smoothing high",
@@ -84,7 +89,7 @@ CASES = [
     ),
     (
         "op label_smoothing",
-        lambda x, y: OPS.cross_entropy_fwd(x, y, None, -100, 2.0),
+        lambda x, y: OPS.cross_entropy_fwd(x, y, None, -100, 2.0, 1),
         RuntimeError,
         ["label_smoothing"],
     ),
@@ -98,13 +103,25 @@ CASES = [
     ),
     (
         "stats shape",
-        lambda x, y: OPS.cross_entropy_bwd(torch.ones(4), x, y, None, torch.zeros(4), -100, 0.0),
+        lambda x, y: OPS.cross_entropy_bwd(torch.ones(4), x, y, None, torch.zeros(4), -100, 0.0, 0),
         RuntimeError,
         ["stats", "[4, 2]"],
     ),
     (
+        "op reduction",
+        lambda x, y: OPS.cross_entropy_fwd(x, y, None, -100, 0.0, 3),
+        RuntimeError,
+        ["reduction", "got 3"],
+    ),
+    (
+        "grad_loss of a reduced loss",
+        lambda x, y: OPS.cross_entropy_bwd(torch.ones(4), x, y, None, torch.zeros(4, 2), -100, 0.0, 2),
+        RuntimeError,
+        ["grad_loss", "0-dim"],
+    ),
+    (
         "grad_loss shape",
-        lambda x, y: OPS.cross_entropy_bwd(torch.ones(3), x, y, None, torch.zeros(4, 2), -100, 0.0),
+        lambda x, y: OPS.cross_entropy_bwd(torch.ones(3), x, y, None, torch.zeros(4, 2), -100, 0.0, 0),
         RuntimeError,
         ["grad_loss", "4 rows"],
     ),
@@ -123,9 +140,9 @@ def test_bad_input_message(name, call, exception, words):
 
 def test_out_of_range_target_in_backward_is_caught_too():
     x, y = x_y()
-    loss, stats = OPS.cross_entropy_fwd(x, y, None, -100, 0.0)
+    loss, stats = OPS.cross_entropy_fwd(x, y, None, -100, 0.0, 0)
     with pytest.raises(RuntimeError, match="target: class index 12"):
-        OPS.cross_entropy_bwd(torch.ones(4), x, torch.tensor([0, 12, 1, 1]), None, stats, -100, 0.0)
+        OPS.cross_entropy_bwd(torch.ones(4), x, torch.tensor([0, 12, 1, 1]), None, stats, -100, 0.0, 0)
 
 
 def test_ignore_index_outside_class_range_is_fine():

@@ -58,30 +58,32 @@ def test_gradcheck_probability_target(device):
 
 @pytest.mark.parametrize("case", range(5))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(device, case, dtype):
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(device, case, dtype, reduction):
     x, target, weight, ignore_index, smoothing = _cases(device)[case]
     x = x.to(dtype).detach().requires_grad_(True)
     if target.is_floating_point():
         target = target.to(dtype)
-    args = (x, target, weight, ignore_index, smoothing)
+    args = (x, target, weight, ignore_index, smoothing, reduction)
     torch.library.opcheck(OPS.cross_entropy_fwd.default, args)
     loss, stats = OPS.cross_entropy_fwd(*args)
     grad_loss = torch.randn_like(loss)
-    bwd_args = (grad_loss, x.detach(), target, weight, stats, ignore_index, smoothing)
+    bwd_args = (grad_loss, x.detach(), target, weight, stats, ignore_index, smoothing, reduction)
     torch.library.opcheck(OPS.cross_entropy_bwd.default, bwd_args)
 
 
-def test_backward_op_matches_reference_formula(device):
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_ops_match_reference_contract(device, reduction):
     for x, target, weight, ignore_index, smoothing in _cases(device):
-        loss, stats = OPS.cross_entropy_fwd(x, target, weight, ignore_index, smoothing)
-        ref_loss, ref_stats = reference.cross_entropy_rows(x, target, weight, ignore_index, smoothing)
+        args = (x, target, weight, ignore_index, smoothing, reduction)
+        loss, stats = OPS.cross_entropy_fwd(*args)
+        ref_loss, ref_stats = reference.cross_entropy(*args)
         torch.testing.assert_close(loss, ref_loss)
         torch.testing.assert_close(stats, ref_stats)
         g = torch.randn_like(loss)
-        ours = OPS.cross_entropy_bwd(g, x, target, weight, stats, ignore_index, smoothing)
-        torch.testing.assert_close(
-            ours, reference.cross_entropy_rows_grad(g, x, target, weight, stats, ignore_index, smoothing)
-        )
+        ours = OPS.cross_entropy_bwd(g, x, target, weight, stats, ignore_index, smoothing, reduction)
+        expected = reference.cross_entropy_rows_grad(g, x, target, weight, stats, ignore_index, smoothing, reduction)
+        torch.testing.assert_close(ours, expected)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -228,22 +228,37 @@ void check_target_range_cpu(const at::Tensor& target64, int64_t C, int64_t ignor
 // CUDA kernel asserts on the device instead).
 PreparedArgs prepare_args_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing) {
-  PreparedArgs p = prepare_args(input, target, weight, label_smoothing);
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
   if (!p.probabilities) check_target_range_cpu(p.target, input.size(1), ignore_index);
   return p;
 }
 
+// The divisor of 'mean': the summed weights of the rows not ignored (class
+// indices; their count without weights), or the row count (probabilities).
+// A plain loop: for a small batch, ATen ops would cost more than the kernel.
+template <typename acc_t>
+double mean_divisor_cpu(const PreparedArgs& p, int64_t ignore_index) {
+  if (p.probabilities) return static_cast<double>(p.input.size(0));
+  const int64_t* y = p.target.const_data_ptr<int64_t>();
+  const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+  double divisor = 0;
+  for (int64_t i = 0; i < p.input.size(0); ++i) {
+    if (y[i] != ignore_index) divisor += w ? static_cast<double>(w[y[i]]) : 1.0;
+  }
+  return divisor;
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
-    int64_t ignore_index, double label_smoothing) {
-  const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing);
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction);
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
   at::Tensor loss = at::empty({N}, p.input.options().dtype(acc));
   at::Tensor stats = at::empty({N, 2}, p.input.options().dtype(acc));
-  if (N == 0) return {loss, stats};
+  at::Tensor reduced;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -299,16 +314,22 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
         for (int64_t r = 0; r < rows; ++r) finish_row(i0 + r, m[r], sums[r]);
       }
     });
+    if (reduction != kNone) {  // summed in double, in row order: the same bits for any thread count
+      double total = 0;
+      for (int64_t i = 0; i < N; ++i) total += loss_out[i];
+      if (reduction == kMean) total /= mean_divisor_cpu<acc_t>(p, ignore_index);  // 0 / 0 = nan, as torch
+      reduced = at::scalar_tensor(total, p.input.options().dtype(acc));
+    }
   });
-  return {loss, stats};
+  return {reduction == kNone ? loss : reduced, stats};
 }
 
 at::Tensor cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss_, const at::Tensor& input_, const at::Tensor& target_,
     const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, int64_t ignore_index,
-    double label_smoothing) {
-  const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing);
-  check_backward_args(grad_loss_, p.input, stats_);
+    double label_smoothing, int64_t reduction) {
+  const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction);
+  check_backward_args(grad_loss_, p.input, stats_, reduction);
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
@@ -322,8 +343,15 @@ at::Tensor cross_entropy_bwd_cpu(
     const scalar_t* x = p.input.const_data_ptr<scalar_t>();
     const int64_t x_stride = p.input.stride(0);
     scalar_t* dx = grad.data_ptr<scalar_t>();
+    // Row i's grad_loss is g[i * g_stride]; a reduced loss spreads one value over every row.
     const acc_t* g = grad_loss.const_data_ptr<acc_t>();
-    const int64_t g_stride = grad_loss.stride(0);  // 0 when autograd expands a scalar
+    int64_t g_stride = reduction == kNone ? grad_loss.stride(0) : 0;
+    acc_t g_value;
+    if (reduction != kNone) {
+      const double divisor = reduction == kMean ? mean_divisor_cpu<acc_t>(p, ignore_index) : 1.0;
+      g_value = static_cast<acc_t>(static_cast<double>(*g) / divisor);
+      g = &g_value;
+    }
     const auto* stats_in = reinterpret_cast<const RowStats<acc_t>*>(stats.const_data_ptr<acc_t>());
     const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
     const acc_t eps = static_cast<acc_t>(label_smoothing);

@@ -358,37 +358,54 @@ struct LaunchBwd {
   }
 };
 
+// The divisor of 'mean' as a 0-dim device tensor (no host synchronisation): the
+// summed weights of the rows not ignored, or the row count for probabilities.
+at::Tensor mean_divisor_cuda(const PreparedArgs& p, int64_t ignore_index, at::ScalarType acc) {
+  if (p.probabilities) return at::scalar_tensor(static_cast<double>(p.input.size(0)), p.input.options().dtype(acc));
+  const at::Tensor counted = p.target != ignore_index;
+  if (!p.weight.defined()) return counted.sum().to(acc);
+  return (p.weight.index_select(0, p.target.masked_fill(~counted, 0)) * counted).sum();
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing) {
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing);  // checks devices first
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
   const c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
   at::Tensor loss = at::empty({N}, p.input.options().dtype(acc));
   at::Tensor stats = at::empty({N, 2}, p.input.options().dtype(acc));
-  if (N == 0) return {loss, stats};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    launch_for_classes<scalar_t, LaunchFwd>(
-        N, C, kernel_args<scalar_t>(p, ignore_index, label_smoothing), loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
-  });
-  return {loss, stats};
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      launch_for_classes<scalar_t, LaunchFwd>(
+          N, C, kernel_args<scalar_t>(p, ignore_index, label_smoothing), loss.data_ptr<acc_t>(),
+          stats.data_ptr<acc_t>());
+    });
+  }
+  if (reduction == kNone) return {loss, stats};
+  at::Tensor total = loss.sum();  // a deterministic tree reduction, no atomics
+  return {reduction == kMean ? total / mean_divisor_cuda(p, ignore_index, acc) : total, stats};  // 0/0 = nan
 }
 
 at::Tensor cross_entropy_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing) {
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing);  // checks devices first
-  check_backward_args(grad_loss, p.input, stats);
+    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
+    int64_t reduction) {
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
+  check_backward_args(grad_loss, p.input, stats, reduction);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
   at::Tensor grad = at::empty({N, C}, p.input.options());
   if (N == 0) return grad;
-  const at::Tensor g = grad_loss.to(acc);
+  // Row i's grad_loss is g[i * g_stride]; a reduced loss spreads one value over every row (stride 0).
+  at::Tensor g = grad_loss.to(acc);
+  if (reduction == kMean) g = g / mean_divisor_cuda(p, ignore_index, acc);
+  if (reduction != kNone) g = g.expand({N});
   const at::Tensor stats_c = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
