@@ -9,6 +9,8 @@ Environment knobs:
   TORCH_CUDA_ARCH_LIST           GPU architectures (default here: "8.0;9.0+PTX").
   MAX_JOBS                       parallel compile jobs (ninja).
   CUDA_HOME                      the CUDA toolkit; when unset it is found from nvcc (see find_cuda_home).
+  FUSED_SOFTMAX_SANITIZE=1       the CPU kernels only, with AddressSanitizer and UndefinedBehaviorSanitizer
+                                 (scripts/sanitize.sh builds and tests that way).
 """
 
 import os
@@ -74,8 +76,14 @@ def cpu_vector_flags() -> tuple[str, list[str]]:
     return choice, sets[choice][1] + [f"-DCPU_CAPABILITY_{choice.upper()}", f"-DCPU_CAPABILITY={choice.upper()}"]
 
 
+SANITIZE = os.environ.get("FUSED_SOFTMAX_SANITIZE") == "1"
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+
+
 def want_cuda() -> bool:
     mode = os.environ.get("FUSED_SOFTMAX_CUDA", "auto").lower()
+    if SANITIZE:
+        return False
     if mode in ("0", "no", "off", "false"):
         return False
     if mode in ("1", "yes", "on", "true", "force"):
@@ -86,13 +94,16 @@ def want_cuda() -> bool:
 def extension():
     vec_name, vec_flags = cpu_vector_flags()
     cxx = ["-O3", "-fopenmp", *vec_flags]  # the C++ standard is the one torch.utils.cpp_extension picks
+    link = ["-fopenmp"]
+    if SANITIZE:
+        cxx, link = ["-O1", "-fopenmp", *vec_flags, *SANITIZER_FLAGS], link + SANITIZER_FLAGS
     sources = ["csrc/cross_entropy.cpp", "csrc/cross_entropy_autograd.cpp", "csrc/cpu/cross_entropy_cpu.cpp"]
     if not want_cuda():
         print(
-            f"fused_softmax: building the CPU kernel ({vec_name}); CUDA kernels skipped "
-            f"(torch CUDA {torch.version.cuda}, CUDA_HOME {CUDA_HOME})"
+            f"fused_softmax: building the CPU kernel ({vec_name}{', sanitizers' if SANITIZE else ''}); "
+            f"CUDA kernels skipped (torch CUDA {torch.version.cuda}, CUDA_HOME {CUDA_HOME})"
         )
-        return CppExtension("fused_softmax._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        return CppExtension("fused_softmax._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     print(
         f"fused_softmax: building the CPU kernel ({vec_name}) and CUDA kernels for "
@@ -105,7 +116,7 @@ def extension():
         "fused_softmax._C",
         sources + ["csrc/cuda/cross_entropy_cuda.cu"],
         extra_compile_args={"cxx": cxx + ["-DFUSED_SOFTMAX_WITH_CUDA"], "nvcc": nvcc},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 

@@ -34,7 +34,7 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-    rows, target_rows, rows_shape = _as_rows(input, target, reduction, label_smoothing, weight)
+    rows, target_rows, rows_shape = _as_rows(input, target, reduction, label_smoothing, weight, ignore_index)
     loss = _ops.cross_entropy(rows, target_rows, weight, ignore_index, label_smoothing, reduction)
     if reduction == "none":
         loss = loss.reshape(rows_shape)
@@ -46,7 +46,7 @@ def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _as_rows(
-    input: Tensor, target: Tensor, reduction: str, label_smoothing: float, weight: Tensor | None
+    input: Tensor, target: Tensor, reduction: str, label_smoothing: float, weight: Tensor | None, ignore_index: int
 ) -> tuple[Tensor, Tensor, torch.Size]:
     """Checks the arguments; returns input as (rows, C), target per row, and the shape of per-row losses."""
     if not isinstance(input, Tensor):
@@ -55,6 +55,10 @@ def _as_rows(
         raise TypeError(f"cross_entropy: target: expected a torch.Tensor, got {type(target).__name__}")
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(f"cross_entropy: weight: expected a torch.Tensor or None, got {type(weight).__name__}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"cross_entropy: ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"cross_entropy: label_smoothing: expected a float, got {type(label_smoothing).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:

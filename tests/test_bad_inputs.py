@@ -108,6 +108,36 @@ CASES = [
         ["stats", "[4, 2]"],
     ),
     (
+        "weight negative",
+        lambda x, y: fused_softmax.cross_entropy(x, y, weight=torch.tensor([1.0] * 9 + [-0.5])),
+        RuntimeError,
+        ["weight", "-0.5", "class 9", "non-negative"],
+    ),
+    (
+        "weight NaN",
+        lambda x, y: fused_softmax.cross_entropy(x, y, weight=torch.tensor([float("nan")] + [1.0] * 9)),
+        RuntimeError,
+        ["weight", "nan", "class 0"],
+    ),
+    (
+        "weight inf",
+        lambda x, y: fused_softmax.cross_entropy(x, y, weight=torch.tensor([1.0, float("inf")] + [1.0] * 8)),
+        RuntimeError,
+        ["weight", "inf", "class 1"],
+    ),
+    (
+        "unknown option",
+        lambda x, y: fused_softmax.cross_entropy(x, y, smoothing=0.1),
+        TypeError,
+        ["smoothing"],
+    ),
+    (
+        "ignore_index not an int",
+        lambda x, y: fused_softmax.cross_entropy(x, y, ignore_index=1.5),
+        TypeError,
+        ["ignore_index", "float"],
+    ),
+    (
         "op reduction",
         lambda x, y: OPS.cross_entropy_fwd(x, y, None, -100, 0.0, 3),
         RuntimeError,

@@ -267,3 +267,29 @@ def test_real_fashion_mnist_reproduces_d2l(tmp_path):
     assert len(fused) == 5
     assert fused[-1]["loss"] <= 0.50
     assert 0.82 <= fused[-1]["test_acc"] <= 0.86
+
+
+def test_killed_checkpoint_writer_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL a process that keeps rewriting the checkpoint: what is on disk always loads."""
+    import signal
+    import time
+
+    path = tmp_path / "checkpoint.pt"
+    writer = (
+        "import sys, torch\n"
+        "from fused_softmax.train import save_checkpoint\n"
+        "k = 0\n"
+        "while True:\n"
+        "    k += 1\n"
+        "    save_checkpoint(__import__('pathlib').Path(sys.argv[1]), {'epoch': k, 'w': torch.full((3_000_000,), k)})\n"
+        "    print(k, flush=True)\n"
+    )
+    for delay in (0.3, 0.45, 0.6, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one checkpoint is complete
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = torch.load(path, weights_only=True)
+        assert (state["w"] == state["epoch"]).all()
+        assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")] == ["checkpoint.pt"]

@@ -224,13 +224,23 @@ void check_target_range_cpu(const at::Tensor& target64, int64_t C, int64_t ignor
   }
 }
 
-// The shared preparation plus the CPU's own check of the class indices (the
-// CUDA kernel asserts on the device instead).
+// The shared preparation plus the CPU's own checks of the class indices and
+// weights (the CUDA kernels assert on the device instead: no host sync).
 PreparedArgs prepare_args_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
   PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
   if (!p.probabilities) check_target_range_cpu(p.target, input.size(1), ignore_index);
+  if (p.weight.defined()) {
+    AT_DISPATCH_FLOATING_TYPES(p.weight.scalar_type(), "check_weight_cpu", [&] {
+      const scalar_t* w = p.weight.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < p.weight.numel(); ++c) {
+        TORCH_CHECK(
+            std::isfinite(w[c]) && w[c] >= 0, "fused_softmax: weight: class weights must be finite and ",
+            "non-negative, got ", w[c], " for class ", c);
+      }
+    });
+  }
   return p;
 }
 

@@ -301,6 +301,14 @@ __global__ void __launch_bounds__(kBlock, 1) cross_entropy_bwd_kernel(
   }
 }
 
+// Class weights must be finite and non-negative: a device-side assert, like the target's.
+template <typename acc_t>
+__global__ void check_weight_kernel(const acc_t* w, int64_t C) {
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    CUDA_KERNEL_ASSERT(w[c] >= 0 && !isinf(w[c]) && "fused_softmax: weight: class weights must be finite, >= 0");
+  }
+}
+
 template <typename scalar_t>
 KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(const PreparedArgs& p, int64_t ignore_index, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -318,6 +326,8 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(const PreparedArgs& 
   if (p.weight.defined()) {
     a.w = p.weight.const_data_ptr<acc_t>();
     a.w_sum = p.weight_sum.const_data_ptr<acc_t>();
+    check_weight_kernel<<<1, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(a.w, a.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   a.ignore_index = ignore_index;
   a.eps = static_cast<acc_t>(eps);

@@ -1,0 +1,63 @@
+"""Degenerate inputs behave like torch; results are bitwise repeatable, whatever the thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_matches_torch
+
+import fused_softmax
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_empty_batches(device, reduction):
+    assert_matches_torch(
+        torch.randn(0, 7, device=device), torch.zeros(0, dtype=torch.long, device=device), reduction=reduction
+    )
+    assert_matches_torch(
+        torch.randn(2, 7, 0, device=device), torch.zeros(2, 0, dtype=torch.long, device=device), reduction=reduction
+    )
+    assert_matches_torch(torch.randn(0, 7, device=device), torch.rand(0, 7, device=device), reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_one_class(device, reduction):
+    x = torch.randn(5, 1, device=device)
+    assert_matches_torch(x, torch.zeros(5, dtype=torch.long, device=device), reduction=reduction)
+    assert_matches_torch(x, torch.ones(5, 1, device=device), reduction=reduction, label_smoothing=0.3)
+
+
+def test_every_target_ignored(device):
+    x = torch.randn(6, 4, device=device, requires_grad=True)
+    y = torch.full((6,), -100, device=device)
+    assert fused_softmax.cross_entropy(x, y).isnan()  # 0 / 0, as torch
+    assert fused_softmax.cross_entropy(x, y, reduction="sum") == 0
+    assert (fused_softmax.cross_entropy(x, y, reduction="none") == 0).all()
+    fused_softmax.cross_entropy(x, y).backward()
+    assert (x.grad == 0).all()
+
+
+def test_row_of_minus_inf_is_nan_and_confined(device):
+    x = torch.randn(3, 5, device=device)
+    x[1] = float("-inf")
+    assert_matches_torch(x, torch.tensor([0, 1, 2], device=device), reduction="none")
+
+
+@pytest.mark.parametrize("shape", [(4096, 1000), (65536, 10), (64, 32000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_identical_for_any_thread_count(shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    y = torch.randint(0, shape[1], (shape[0],))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            xx = x.clone().requires_grad_(True)
+            loss = fused_softmax.cross_entropy(xx, y, label_smoothing=0.1)
+            loss.backward()
+            results.append((loss.detach(), xx.grad))
+    finally:
+        torch.set_num_threads(before)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
