@@ -150,6 +150,13 @@ def main() -> None:
     wanted = [p for p in args.providers.split(",") if p in available]
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
+    columns = ("dtype", "n", "c", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mib")
+
+    def record(*values) -> None:
+        rows.append(
+            dict(machine=json.dumps(info), time=stamp, device=device, **dict(zip(columns, values, strict=True)))
+        )
+
     print(
         f"{'dtype':5} {'shape':>13} {'mode':8} {'provider':8} {'median ms':>10} {'p20':>8} {'p80':>8} "
         f"{'GB/s':>7} {'x fused':>7} {'peak MiB':>8}"
@@ -163,23 +170,7 @@ def main() -> None:
             copy = copy_ms(x0, timer, args.reps)
             copy_gbs = 2 * x0.numel() * x0.element_size() / copy / 1e6
             print(f"{dtype_name:5} {shape:>13} {'copy':8} {'-':8} {copy:10.3f} {'':>8} {'':>8} {copy_gbs:7.1f}")
-            rows.append(
-                dict(
-                    machine=json.dumps(info),
-                    time=stamp,
-                    device=device,
-                    dtype=dtype_name,
-                    n=n,
-                    c=c,
-                    mode="copy",
-                    provider="copy",
-                    median_ms=copy,
-                    p20_ms=copy,
-                    p80_ms=copy,
-                    gbps=copy_gbs,
-                    peak_mib="",
-                )
-            )
+            record(dtype_name, n, c, "copy", "copy", copy, copy, copy, copy_gbs, "")
             for mode in args.modes.split(","):
                 fused_median = None
                 for name in wanted:
@@ -201,23 +192,7 @@ def main() -> None:
                         f"{dtype_name:5} {shape:>13} {mode:8} {name:8} {median:10.3f} {p20:8.3f} {p80:8.3f} "
                         f"{gbps:7.1f} {ratio:7.2f} {peak:8.1f}"
                     )
-                    rows.append(
-                        dict(
-                            machine=json.dumps(info),
-                            time=stamp,
-                            device=device,
-                            dtype=dtype_name,
-                            n=n,
-                            c=c,
-                            mode=mode,
-                            provider=name,
-                            median_ms=median,
-                            p20_ms=p20,
-                            p80_ms=p80,
-                            gbps=gbps,
-                            peak_mib=peak,
-                        )
-                    )
+                    record(dtype_name, n, c, mode, name, median, p20, p80, gbps, peak)
             del x0
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
