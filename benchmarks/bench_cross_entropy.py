@@ -89,15 +89,49 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[1], q[7]  # median, p20, p80
 
 
-def run_one(fn: Callable, mode: str, x0: torch.Tensor, y: torch.Tensor, timer: Timer, reps: int, warmup: int):
+def case(fn: Callable, mode: str, x0: torch.Tensor, y: torch.Tensor) -> tuple[Callable, Callable]:
+    """(setup, timed) for one mode: setup makes what the timed part consumes, untimed."""
+
     def fresh():
-        return x0.detach().clone().requires_grad_(True) if mode != "forward" else x0
+        return x0.detach().clone().requires_grad_(True)
 
     if mode == "forward":
-        return timer(lambda: None, lambda _: fn(x0, y), reps, warmup)
+        return lambda: None, lambda _: fn(x0, y)
     if mode == "full":
-        return timer(lambda: fresh(), lambda x: fn(x, y).backward(), reps, warmup)
-    return timer(lambda: fn(fresh(), y), lambda loss: loss.backward(), reps, warmup)
+        return fresh, lambda x: fn(x, y).backward()
+    return lambda: fn(fresh(), y), lambda loss: loss.backward()  # backward
+
+
+class PeakMemory:
+    """Peak extra memory of one measured call: CUDA's allocator statistics, or on the CPU the process's
+    peak resident set (Linux: writing 5 to /proc/self/clear_refs resets the peak to the current size)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.base = self._status("VmRSS")
+            except OSError:
+                self.base = None
+
+    def stop_mib(self) -> float:
+        if self.device == "cuda":
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return float("nan") if self.base is None else (self._status("VmHWM") - self.base) / 1024
+
+    @staticmethod
+    def _status(key: str) -> int:  # kB
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise OSError(key)
 
 
 def copy_ms(x0: torch.Tensor, timer: Timer, reps: int) -> float:
@@ -130,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--modes", default="full,forward")
+    parser.add_argument("--modes", default="full,forward", help="forward, backward, full (forward+backward)")
     parser.add_argument("--providers", default="fused,torch,compile,liger,quack")
     parser.add_argument("--shapes", default="65536x10,8192x1000,4096x32000,1024x128256")
     parser.add_argument("--reps", type=int, default=10)
@@ -138,12 +172,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--csv", default=str(Path(__file__).parent / "results" / "cross_entropy.csv"))
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--plot", default=None, help="write PNG plots named <this>_<device>_<metric>.png")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     device = args.device
     timer = Timer(device)
+    memory = PeakMemory(device)
     info = machine(device)
     print("machine:", json.dumps(info))
     available = providers(device)
@@ -174,16 +210,17 @@ def main() -> None:
             for mode in args.modes.split(","):
                 fused_median = None
                 for name in wanted:
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated()
                     try:
-                        times = run_one(available[name], mode, x0, y, timer, args.reps, args.warmup)
+                        setup, timed = case(available[name], mode, x0, y)
+                        times = timer(setup, timed, args.reps, args.warmup)
+                        state = setup()  # one more call, alone, for its peak memory beyond its inputs
+                        memory.start()
+                        timed(state)
+                        peak = memory.stop_mib()
+                        del state
                     except Exception as error:  # a provider that cannot run this case is reported, not fatal
                         print(f"{dtype_name:5} {shape:>13} {mode:8} {name:8} failed: {type(error).__name__}: {error}")
                         continue
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
                     median, p20, p80 = quantiles(times)
                     fused_median = median if name == "fused" else fused_median
                     gbps = fused_bytes(mode, n, c, x0.element_size()) / median / 1e6
@@ -205,6 +242,44 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     print(f"appended {len(rows)} rows to {path}")
+    if args.plot:
+        print("plots:", ", ".join(str(p) for p in plot(rows, Path(args.plot), device)))
+
+
+def plot(rows: list[dict], prefix: Path, device: str) -> list[Path]:
+    """Throughput (GB/s) and peak extra memory against C, one panel per dtype x mode, a line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if r["mode"] != "copy"]
+    panels = sorted({(r["dtype"], r["mode"]) for r in measured})
+    written = []
+    for metric, label in (("gbps", "GB/s (bytes a fused kernel must move)"), ("peak_mib", "peak extra MiB")):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+        for ax, (dtype, mode) in zip(axes[0], panels, strict=True):
+            for provider in sorted({r["provider"] for r in measured}):
+                points = sorted(
+                    (r["c"], r[metric])
+                    for r in measured
+                    if (r["dtype"], r["mode"], r["provider"]) == (dtype, mode, provider)
+                )
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=provider)
+            ax.set_xscale("log")
+            ax.set_xlabel("classes C")
+            ax.set_title(f"{device} {dtype} {mode}")
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel(label)
+        axes[0][0].legend()
+        fig.tight_layout()
+        path = prefix.with_name(f"{prefix.name}_{device}_{metric}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 if __name__ == "__main__":

@@ -175,37 +175,84 @@ constexpr int64_t kMaxSmallClasses = 32;
 template <typename acc_t, typename scalar_t>
 void transpose_in(const scalar_t* x, int64_t x_stride, int64_t rows, int64_t C, acc_t* buf) {
   constexpr int64_t K = Vectorized<acc_t>::size();
-  std::fill(buf, buf + C * K, acc_t(0));
+  if (rows < K) std::fill(buf, buf + C * K, acc_t(0));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) buf[c * K + r] = static_cast<acc_t>(x[r * x_stride + c]);
 }
 
-// Max and sums of a block of index-target rows (the spread mass, if any, is b * w_c on every row).
+inline Vectorized<float> vlog(const Vectorized<float>& v) {
+  return v.log();
+}
+inline Vectorized<double> vlog(const Vectorized<double>& v) {
+  return v.log();
+}
+
+// The forward of a block of index-target rows held one per lane (see transpose_in): losses and stats
+// of rows [0, rows), computed lane-wise, the same math as the row path.
 template <typename acc_t>
-void block_sums(const acc_t* buf, int64_t C, const acc_t* w, acc_t b, bool spread, acc_t* m_out,
-                RowSums<acc_t>* sums_out) {
+void forward_block(const acc_t* buf, int64_t rows, int64_t C, const int64_t* y, int64_t ignore_index, const acc_t* w,
+                   acc_t eps, acc_t* loss, RowStats<acc_t>* stats) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
+  const acc_t b = eps / static_cast<acc_t>(C);
   Vec m(-std::numeric_limits<acc_t>::infinity());
   for (int64_t c = 0; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(buf + c * K));
   Vec sum_exp(0), mass(0), mass_dot(0);
   for (int64_t c = 0; c < C; ++c) {
     const Vec xm = Vec::loadu(buf + c * K) - m;
     sum_exp += vexp(xm);
-    if (spread) {
+    if (eps > 0) {  // label smoothing spreads b * w_c on every class
       const Vec q(w ? b * w[c] : b);
       mass += q;
       mass_dot = at::vec::fmadd(q, xm, mass_dot);
     }
   }
-  __at_align__ acc_t lanes[4][K];
+  // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
+  const Vec finite = (m - m) == Vec(0);
+  const Vec log_sum = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), vlog(sum_exp), finite);
+  __at_align__ acc_t coef[K] = {}, x_y[K] = {}, counted[K] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    if (y[r] == ignore_index) continue;
+    coef[r] = (1 - eps) * (w ? w[y[r]] : acc_t(1));
+    x_y[r] = buf[y[r] * K + r];
+    counted[r] = 1;
+  }
+  // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
+  const Vec l = Vec::loadu(coef) * (log_sum - (Vec::loadu(x_y) - m)) + (mass * log_sum - mass_dot);
+  Vec::blendv(Vec(0), l, Vec::loadu(counted) == Vec(1)).store(loss, rows);  // an ignored row's loss is 0
+  __at_align__ acc_t lanes[2][K];
   m.store(lanes[0]);
-  sum_exp.store(lanes[1]);
-  mass.store(lanes[2]);
-  mass_dot.store(lanes[3]);
-  for (int64_t r = 0; r < K; ++r) {
-    m_out[r] = lanes[0][r];
-    sums_out[r] = {lanes[1][r], lanes[2][r], lanes[3][r]};
+  log_sum.store(lanes[1]);
+  for (int64_t r = 0; r < rows; ++r) stats[r] = {lanes[0][r], lanes[1][r]};
+}
+
+// The backward of a block of index-target rows held one per lane, in place in buf:
+// g * (p_c * S - q_c), the target class included, so it is rounded once. Ignored and NaN rows
+// are left for the caller to overwrite.
+template <typename acc_t>
+void backward_block(acc_t* buf, int64_t rows, int64_t C, const int64_t* y, int64_t ignore_index, const acc_t* w,
+                    acc_t eps, acc_t spread_mass, const RowStats<acc_t>* stats, const acc_t* g, int64_t g_stride) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  const acc_t b = eps / static_cast<acc_t>(C);
+  __at_align__ acc_t max[K] = {}, log_sum[K] = {}, S[K] = {}, gl[K] = {}, coef[K] = {}, cls[K];
+  std::fill(cls, cls + K, acc_t(-1));
+  for (int64_t r = 0; r < rows; ++r) {
+    max[r] = stats[r].max;
+    log_sum[r] = stats[r].log_sum;
+    if (y[r] == ignore_index) continue;
+    coef[r] = (1 - eps) * (w ? w[y[r]] : acc_t(1));
+    S[r] = coef[r] + spread_mass;
+    gl[r] = g[r * g_stride];
+    cls[r] = static_cast<acc_t>(y[r]);  // exact: C <= kMaxSmallClasses
+  }
+  const Vec vmax = Vec::loadu(max), vlog_sum = Vec::loadu(log_sum), vS = Vec::loadu(S), vg = Vec::loadu(gl);
+  const Vec vcoef = Vec::loadu(coef), vcls = Vec::loadu(cls);
+  for (int64_t c = 0; c < C; ++c) {
+    Vec q = Vec::blendv(Vec(0), vcoef, vcls == Vec(static_cast<acc_t>(c)));
+    if (eps > 0) q += Vec(w ? b * w[c] : b);
+    const Vec p = vexp((Vec::loadu(buf + c * K) - vmax) - vlog_sum);
+    (vg * (p * vS - q)).store(buf + c * K);
   }
 }
 
@@ -311,7 +358,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
         const int64_t rows = std::min(K, end - i0);
         if (small) {
           transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
-          block_sums<acc_t>(buf, C, w, spread_b, has_spread, m, sums);
+          forward_block<acc_t>(buf, rows, C, p.target.const_data_ptr<int64_t>() + i0, ignore_index, w, eps,
+                               loss_out + i0, stats_out + i0);
+          continue;
         } else {
           for (int64_t r = 0; r < rows; ++r) {
             const scalar_t* xi = x + (i0 + r) * x_stride;
@@ -375,14 +424,23 @@ at::Tensor cross_entropy_bwd_cpu(
     // Row i apart from the bulk: NaN rows, ignored rows, and the target class,
     // recomputed in the accumulation type and rounded once (p_y * S - q_y nearly
     // cancels when p_y is close to 1).
+    // Overwrites row i if it is ignored (no gradient, whatever grad_loss holds) or NaN (the
+    // forward found a NaN row); returns whether it did.
+    auto mend_row = [&](int64_t i) {
+      scalar_t* dxi = dx + i * C;
+      if (y_in && y_in[i] == ignore_index) {
+        std::fill(dxi, dxi + C, scalar_t(0));
+      } else if (std::isnan(stats_in[i].log_sum)) {
+        std::fill(dxi, dxi + C, std::numeric_limits<scalar_t>::quiet_NaN());
+      } else {
+        return false;
+      }
+      return true;
+    };
     auto finish_row = [&](int64_t i) {
       scalar_t* dxi = dx + i * C;
-      const bool ignored = y_in && y_in[i] == ignore_index;
-      if (ignored) {
-        std::fill(dxi, dxi + C, scalar_t(0));  // no gradient, whatever grad_loss holds
-      } else if (std::isnan(stats_in[i].log_sum)) {  // the forward found a NaN row
-        std::fill(dxi, dxi + C, std::numeric_limits<scalar_t>::quiet_NaN());
-      } else if (y_in) {
+      if (mend_row(i)) return;
+      if (y_in) {
         const int64_t y = y_in[i];
         const acc_t S = target_coef(y) + spread_index_mass;
         const acc_t p_y = std::exp(stats_in[i].minus_lse(static_cast<acc_t>(x[i * x_stride + y])));
@@ -395,29 +453,16 @@ at::Tensor cross_entropy_bwd_cpu(
       using Vec = Vectorized<acc_t>;
       constexpr int64_t K = Vec::size();
       __at_align__ acc_t buf[kMaxSmallClasses * K];
-      __at_align__ acc_t lane_max[K], lane_log_sum[K], lane_S[K], lane_g[K];
       for (int64_t i0 = begin; i0 < end; i0 += K) {
         const int64_t rows = std::min(K, end - i0);
-        if (small) {  // K rows at once, one per lane; finish_row mends the special rows after
-          std::fill(lane_g, lane_g + K, acc_t(0));
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r;
-            const bool ignored = y_in[i] == ignore_index;
-            lane_max[r] = stats_in[i].max;
-            lane_log_sum[r] = stats_in[i].log_sum;
-            lane_S[r] = (ignored ? acc_t(0) : target_coef(y_in[i])) + spread_index_mass;
-            lane_g[r] = g[i * g_stride];
-          }
+        if (small) {  // K rows at once, one per lane
           transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
-          const Vec vmax = Vec::loadu(lane_max), vlog = Vec::loadu(lane_log_sum), vS = Vec::loadu(lane_S);
-          const Vec vg = Vec::loadu(lane_g);
-          for (int64_t c = 0; c < C; ++c) {
-            Vec grad = vexp((Vec::loadu(buf + c * K) - vmax) - vlog) * vS;
-            if (eps > 0) grad = grad - Vec(spread_b * (w ? w[c] : acc_t(1)));
-            (vg * grad).store(buf + c * K);
-          }
+          backward_block<acc_t>(buf, rows, C, y_in + i0, ignore_index, w, eps, spread_index_mass, stats_in + i0,
+                                g + i0 * g_stride, g_stride);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
+          for (int64_t r = 0; r < rows; ++r) mend_row(i0 + r);
+          continue;
         } else {
           for (int64_t i = i0; i < i0 + rows; ++i) {
             SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
