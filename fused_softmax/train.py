@@ -71,6 +71,8 @@ def build_model() -> nn.Module:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Writes state so that a crash at any moment leaves the previous checkpoint whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{path.name}*.tmp"):  # left by a writer that was killed (one writer: rank 0)
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -293,3 +293,5 @@ def test_killed_checkpoint_writer_leaves_a_loadable_checkpoint(tmp_path):
         state = torch.load(path, weights_only=True)
         assert (state["w"] == state["epoch"]).all()
         assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")] == ["checkpoint.pt"]
+    train.save_checkpoint(path, {"epoch": 0})  # the next save clears what killed writers left
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
