@@ -330,47 +330,39 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const bool has_spread = p.probabilities || eps > 0;
     const bool small = !p.probabilities && C <= kMaxSmallClasses;
 
-    // The loss of row i from its max m and sums: sum_c q_c * (lse - x_c), with
-    // lse - x_c = log_sum - (x_c - m) so no large terms cancel.
-    auto finish_row = [&](int64_t i, acc_t m, const RowSums<acc_t>& sums) {
-      // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
-      const acc_t log_sum = std::isfinite(m) ? std::log(sums.sum_exp) : std::numeric_limits<acc_t>::quiet_NaN();
-      stats_out[i] = {m, log_sum};
-      acc_t target_term = 0;  // (1 - eps) * w[y] * (lse - x[y]) for class indices
-      if (!p.probabilities) {
-        const int64_t y = p.target.const_data_ptr<int64_t>()[i];
-        if (y == ignore_index) {
-          loss_out[i] = 0;
-          return;
-        }
-        const acc_t target_coef = (1 - eps) * (w ? w[y] : acc_t(1));
-        target_term = target_coef * (log_sum - (static_cast<acc_t>(x[i * x_stride + y]) - m));
-      }
-      loss_out[i] = target_term + (sums.mass * log_sum - sums.mass_dot);
-    };
-
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      constexpr int64_t K = Vectorized<acc_t>::size();
-      __at_align__ acc_t buf[kMaxSmallClasses * K];
-      acc_t m[K];
-      RowSums<acc_t> sums[K];
-      for (int64_t i0 = begin; i0 < end; i0 += K) {
-        const int64_t rows = std::min(K, end - i0);
-        if (small) {
+      if (small) {  // K rows at once, one per lane
+        constexpr int64_t K = Vectorized<acc_t>::size();
+        __at_align__ acc_t buf[kMaxSmallClasses * K];
+        for (int64_t i0 = begin; i0 < end; i0 += K) {
+          const int64_t rows = std::min(K, end - i0);
           transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
           forward_block<acc_t>(buf, rows, C, p.target.const_data_ptr<int64_t>() + i0, ignore_index, w, eps,
                                loss_out + i0, stats_out + i0);
-          continue;
-        } else {
-          for (int64_t r = 0; r < rows; ++r) {
-            const scalar_t* xi = x + (i0 + r) * x_stride;
-            SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
-            if (p.probabilities) spread.t = p.target.const_data_ptr<scalar_t>() + (i0 + r) * p.target.stride(0);
-            m[r] = row_max<acc_t>(xi, C);
-            sums[r] = row_sums<acc_t>(xi, C, m[r], has_spread ? &spread : nullptr);
-          }
         }
-        for (int64_t r = 0; r < rows; ++r) finish_row(i0 + r, m[r], sums[r]);
+        return;
+      }
+      for (int64_t i = begin; i < end; ++i) {  // row by row
+        const scalar_t* xi = x + i * x_stride;
+        SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
+        if (p.probabilities) spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
+        const acc_t m = row_max<acc_t>(xi, C);
+        const RowSums<acc_t> sums = row_sums<acc_t>(xi, C, m, has_spread ? &spread : nullptr);
+        // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
+        const acc_t log_sum = std::isfinite(m) ? std::log(sums.sum_exp) : std::numeric_limits<acc_t>::quiet_NaN();
+        stats_out[i] = {m, log_sum};
+        // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
+        acc_t target_term = 0;  // (1 - eps) * w[y] * (lse - x[y]) for class indices
+        if (!p.probabilities) {
+          const int64_t y = p.target.const_data_ptr<int64_t>()[i];
+          if (y == ignore_index) {
+            loss_out[i] = 0;
+            continue;
+          }
+          const acc_t target_coef = (1 - eps) * (w ? w[y] : acc_t(1));
+          target_term = target_coef * (log_sum - (static_cast<acc_t>(xi[y]) - m));
+        }
+        loss_out[i] = target_term + (sums.mass * log_sum - sums.mass_dot);
       }
     });
     if (reduction != kNone) {  // summed in double, in row order: the same bits for any thread count
@@ -421,9 +413,6 @@ at::Tensor cross_entropy_bwd_cpu(
     const int64_t* y_in = p.probabilities ? nullptr : p.target.const_data_ptr<int64_t>();
     auto target_coef = [&](int64_t y) { return (1 - eps) * (w ? w[y] : acc_t(1)); };
 
-    // Row i apart from the bulk: NaN rows, ignored rows, and the target class,
-    // recomputed in the accumulation type and rounded once (p_y * S - q_y nearly
-    // cancels when p_y is close to 1).
     // Overwrites row i if it is ignored (no gradient, whatever grad_loss holds) or NaN (the
     // forward found a NaN row); returns whether it did.
     auto mend_row = [&](int64_t i) {
@@ -437,50 +426,40 @@ at::Tensor cross_entropy_bwd_cpu(
       }
       return true;
     };
-    auto finish_row = [&](int64_t i) {
-      scalar_t* dxi = dx + i * C;
-      if (mend_row(i)) return;
-      if (y_in) {
-        const int64_t y = y_in[i];
-        const acc_t S = target_coef(y) + spread_index_mass;
-        const acc_t p_y = std::exp(stats_in[i].minus_lse(static_cast<acc_t>(x[i * x_stride + y])));
-        const acc_t q_y = target_coef(y) + spread_b * (w ? w[y] : acc_t(1));
-        dxi[y] = static_cast<scalar_t>(g[i * g_stride] * (p_y * S - q_y));
-      }
-    };
-
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      using Vec = Vectorized<acc_t>;
-      constexpr int64_t K = Vec::size();
-      __at_align__ acc_t buf[kMaxSmallClasses * K];
-      for (int64_t i0 = begin; i0 < end; i0 += K) {
-        const int64_t rows = std::min(K, end - i0);
-        if (small) {  // K rows at once, one per lane
+      if (small) {  // K rows at once, one per lane
+        constexpr int64_t K = Vectorized<acc_t>::size();
+        __at_align__ acc_t buf[kMaxSmallClasses * K];
+        for (int64_t i0 = begin; i0 < end; i0 += K) {
+          const int64_t rows = std::min(K, end - i0);
           transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
           backward_block<acc_t>(buf, rows, C, y_in + i0, ignore_index, w, eps, spread_index_mass, stats_in + i0,
                                 g + i0 * g_stride, g_stride);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
           for (int64_t r = 0; r < rows; ++r) mend_row(i0 + r);
-          continue;
-        } else {
-          for (int64_t i = i0; i < i0 + rows; ++i) {
-            SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
-            acc_t S;
-            if (p.probabilities) {
-              spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
-              S = row_mass<acc_t>(C, spread);
-            } else if (y_in[i] != ignore_index) {
-              S = target_coef(y_in[i]) + spread_index_mass;
-            } else {
-              continue;  // finish_row writes the zeros
-            }
-            const bool has_spread = p.probabilities || eps > 0;
-            row_grad<acc_t>(dx + i * C, x + i * x_stride, C, stats_in[i], g[i * g_stride], S,
-                            has_spread ? &spread : nullptr);
-          }
         }
-        for (int64_t r = 0; r < rows; ++r) finish_row(i0 + r);
+        return;
+      }
+      for (int64_t i = begin; i < end; ++i) {  // row by row
+        if (mend_row(i)) continue;
+        SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
+        acc_t S;  // the row's total target mass
+        if (p.probabilities) {
+          spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
+          S = row_mass<acc_t>(C, spread);
+        } else {
+          S = target_coef(y_in[i]) + spread_index_mass;
+        }
+        const bool has_spread = p.probabilities || eps > 0;
+        row_grad<acc_t>(dx + i * C, x + i * x_stride, C, stats_in[i], g[i * g_stride], S,
+                        has_spread ? &spread : nullptr);
+        if (y_in) {  // the target class, recomputed in acc_t and rounded once: p_y * S - q_y nearly cancels
+          const int64_t y = y_in[i];
+          const acc_t p_y = std::exp(stats_in[i].minus_lse(static_cast<acc_t>(x[i * x_stride + y])));
+          const acc_t q_y = target_coef(y) + spread_b * (w ? w[y] : acc_t(1));
+          dx[i * C + y] = static_cast<scalar_t>(g[i * g_stride] * (p_y * S - q_y));
+        }
       }
     });
   });
