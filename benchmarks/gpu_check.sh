@@ -42,7 +42,9 @@ echo "register spills reported by ptxas: $spills"
 python3 -c "import fused_softmax; print(fused_softmax.backend())"
 
 status "tests"
-(cd tests && timeout "$(budget 200)" python3 -m pytest -q -p no:cacheprovider) > "$out/gpu_tests.log" 2>&1
+# The trainer's tests are CPU-only (CI runs them) and need matplotlib, which this machine may lack.
+(cd tests && timeout "$(budget 200)" python3 -m pytest -q -p no:cacheprovider --ignore=test_trainer.py) \
+  > "$out/gpu_tests.log" 2>&1
 tail -25 "$out/gpu_tests.log"
 result[tests]=$(tail -1 "$out/gpu_tests.log")
 

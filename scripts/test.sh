@@ -7,6 +7,6 @@ bash scripts/setup.sh
 bash scripts/data.sh  # the end-to-end trainer test runs on the real data set
 # shellcheck disable=SC1091
 source .venv/bin/activate
-python -m pip install --quiet pytest hypothesis expecttest
+python -m pip install --quiet pytest hypothesis
 # Run from tests/ so the installed package, not the source tree, is imported.
 cd tests && python -m pytest -q -p no:cacheprovider "$@"

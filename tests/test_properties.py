@@ -3,12 +3,15 @@ against a float64 reference and against torch wherever torch's result is finite.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import fused_softmax
+
+pytest.importorskip("hypothesis", reason="hypothesis is not installed here (CI installs it)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Tolerances against float64, relative to the largest magnitude involved.
