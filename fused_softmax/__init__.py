@@ -6,7 +6,8 @@ loss = fused_softmax.cross_entropy(logits, target)  # as torch.nn.functional.cro
 
 from ._ops import backend
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "backend", "cross_entropy"]
+__all__ = ["CrossEntropyLoss", "backend", "cross_entropy", "linear_cross_entropy"]
 __version__ = "0.1.0"

@@ -1,0 +1,174 @@
+"""fused_softmax.linear_cross_entropy: cross-entropy of input @ linear_weight.T + linear_bias, computed
+in chunks of rows so that no N x C logits tensor ever exists.
+
+For each chunk of rows: the chunk's logits, the fused op's per-row losses, and (see
+_LinearCrossEntropy) the chunk's share of the gradients of input, weight and bias; then the logits
+are dropped. Peak memory is set by chunk_size x C, not by N.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from .functional import cross_entropy
+from .reference import REDUCTIONS, accumulate_dtype, mean_divisor
+
+# About this many logits per chunk (64 MiB in float32) unless chunk_size says otherwise.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """As torch.nn.functional.linear_cross_entropy (input (N, H) or (H,), linear_weight (C, H),
+    linear_bias (C,)), without ever holding the (N, C) logits: rows go chunk_size at a time."""
+    ignore_index = -100 if ignore_index is None else ignore_index
+    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
+        raise ValueError(
+            "linear_cross_entropy: linear_weight: expected a (C, in_features) tensor, got "
+            f"{tuple(linear_weight.shape) if isinstance(linear_weight, Tensor) else type(linear_weight).__name__}"
+        )
+    if not isinstance(input, Tensor) or input.dim() not in (1, 2) or input.shape[-1] != linear_weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: input: expected (N, {linear_weight.shape[1]}) or ({linear_weight.shape[1]},), "
+            f"got {tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
+        )
+    if linear_bias is not None and tuple(linear_bias.shape) != (linear_weight.shape[0],):
+        raise ValueError(
+            f"linear_cross_entropy: linear_bias: expected shape ({linear_weight.shape[0]},), "
+            f"got {tuple(linear_bias.shape)}"
+        )
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"linear_cross_entropy: chunk_size: expected a positive int, got {chunk_size!r}")
+    if _ops.LOAD_ERROR is not None:  # no compiled ops: the plain reference path
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        return cross_entropy(
+            logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+
+    unbatched = input.dim() == 1
+    rows = input.unsqueeze(0) if unbatched else input
+    rows_target = target.unsqueeze(0) if unbatched else target
+    if rows_target.shape[:1] != rows.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: target: expected {rows.shape[0]} rows, got {rows_target.shape[0]}")
+    if rows_target.is_floating_point():
+        rows_target = rows_target.to(input.dtype)  # probabilities in the logits' dtype, as cross_entropy does
+    # cross_entropy checks the options and shapes once, on an empty chunk; the op checks the class
+    # indices and weights on every chunk.
+    with torch.no_grad():
+        cross_entropy(
+            torch.nn.functional.linear(rows[:0], linear_weight, linear_bias),
+            rows_target[:0],
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
+    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, linear_weight.shape[0]))
+    loss = _LinearCrossEntropy.apply(
+        rows,
+        linear_weight,
+        linear_bias,
+        rows_target,
+        weight,
+        ignore_index,
+        label_smoothing,
+        REDUCTIONS.index(reduction),
+        chunk,
+    )
+    if unbatched and reduction == "none":
+        loss = loss.squeeze(0)
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+
+
+class _Gradients:
+    """The gradients of input, weight and bias, accumulated chunk by chunk (weight and bias in acc)."""
+
+    def __init__(self, needs: tuple[bool, bool, bool], input: Tensor, linear_weight: Tensor, acc: torch.dtype):
+        self.input = torch.empty_like(input) if needs[0] else None
+        self.weight = torch.zeros_like(linear_weight, dtype=acc) if needs[1] else None
+        self.bias = torch.zeros(linear_weight.shape[0], dtype=acc, device=input.device) if needs[2] else None
+
+    def add(self, part: slice, grad_logits: Tensor, input: Tensor, linear_weight: Tensor) -> None:
+        if self.input is not None:
+            self.input[part] = grad_logits @ linear_weight
+        if self.weight is not None:
+            self.weight += grad_logits.t() @ input[part]
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
+
+    def result(self, linear_weight: Tensor, linear_bias: Tensor | None) -> tuple:
+        return (
+            self.input,
+            None if self.weight is None else self.weight.to(linear_weight.dtype),
+            None if self.bias is None else self.bias.to(linear_bias.dtype),
+        )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """For 'mean' and 'sum' the gradient is known up to grad_output (one number) during the forward,
+    so the forward computes it and the backward scales it: three matmuls in all, as the unfused path.
+    For 'none' each row's grad_output differs, so the backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, eps, reduction, chunk):
+        n = input.shape[0]
+        acc = accumulate_dtype(input.dtype)
+        needs = tuple(ctx.needs_input_grad[:3])
+        ctx.precomputed = reduction != 0 and any(needs)
+        if ctx.precomputed:
+            divisor = mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else 1
+            grad_rows = (torch.ones((), dtype=acc, device=input.device) / divisor).expand(n)
+            grads = _Gradients(needs, input, linear_weight, acc)
+        losses = input.new_empty((n,), dtype=acc)
+        stats = input.new_empty((n, 2), dtype=acc)
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            logits = torch.nn.functional.linear(input[part], linear_weight, linear_bias)
+            losses[part], stats[part] = torch.ops.fused_softmax.cross_entropy_fwd(
+                logits, target[part], weight, ignore_index, eps, 0
+            )
+            if ctx.precomputed:
+                grad_logits = torch.ops.fused_softmax.cross_entropy_bwd(
+                    grad_rows[part], logits, target[part], weight, stats[part], ignore_index, eps, 0
+                )
+                grads.add(part, grad_logits, input, linear_weight)
+        if ctx.precomputed:
+            ctx.save_for_backward(*(g for g in grads.result(linear_weight, linear_bias) if g is not None))
+            ctx.needs = needs
+        else:
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats)
+            ctx.options = (ignore_index, eps, chunk)
+        if reduction == 0:
+            return losses
+        total = losses.sum()
+        return total / mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.precomputed:
+            saved = iter(ctx.saved_tensors)
+            grads = [next(saved) * grad_output if need else None for need in ctx.needs]
+            return (*grads, None, None, None, None, None, None)
+        input, linear_weight, linear_bias, target, weight, stats = ctx.saved_tensors
+        ignore_index, eps, chunk = ctx.options
+        grads = _Gradients(tuple(ctx.needs_input_grad[:3]), input, linear_weight, stats.dtype)
+        for start in range(0, input.shape[0], chunk):
+            part = slice(start, start + chunk)
+            logits = torch.nn.functional.linear(input[part], linear_weight, linear_bias)
+            grad_logits = torch.ops.fused_softmax.cross_entropy_bwd(
+                grad_output[part].contiguous(), logits, target[part], weight, stats[part], ignore_index, eps, 0
+            )
+            grads.add(part, grad_logits, input, linear_weight)
+        return (*grads.result(linear_weight, linear_bias), None, None, None, None, None, None)

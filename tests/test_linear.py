@@ -1,0 +1,123 @@
+"""fused_softmax.linear_cross_entropy against torch's reference (linear, then cross_entropy) in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_softmax
+
+
+def reference(x, w, target, b=None, **kwargs):
+    return F.cross_entropy(F.linear(x, w, b), target, **kwargs)
+
+
+def grads(fn, x, w, b, target, **kwargs):
+    params = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    loss = fn(
+        params[0],
+        params[1],
+        target,
+        **({"linear_bias": params[2]} if fn is not reference else {"b": params[2]}),
+        **kwargs,
+    )
+    cot = torch.linspace(-1, 1, loss.numel(), dtype=torch.float64, device=loss.device).reshape(loss.shape)
+    (loss.double() * cot).sum().backward()
+    return [loss.detach()] + [p.grad for p in params if p is not None]
+
+
+def problem(device, n=37, h=16, c=50, dtype=torch.float64, probabilities=False):
+    g = torch.Generator().manual_seed(n * 1000 + c)
+    x = torch.randn(n, h, generator=g, dtype=torch.float64).to(device, dtype)
+    w = (torch.randn(c, h, generator=g, dtype=torch.float64) / h**0.5).to(device, dtype)
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(device, dtype)
+    if probabilities:
+        t = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), 1).to(device, dtype)
+    else:
+        t = torch.randint(0, c, (n,), generator=g).to(device)
+        t[::5] = -100
+    return x, w, b, t
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 37, 1000])
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_matches_reference(device, reduction, chunk_size, probabilities):
+    x, w, b, t = problem(device, probabilities=probabilities)
+    cw = torch.rand(w.shape[0], dtype=torch.float64, device=device) + 0.5
+    kwargs = dict(reduction=reduction, weight=cw, label_smoothing=0.1)
+    ours = grads(fused_softmax.linear_cross_entropy, x, w, b, t, chunk_size=chunk_size, **kwargs)
+    theirs = grads(reference, x, w, b, t, **kwargs)
+    for a, e in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_no_bias_unbatched_and_ignore_index(device):
+    x, w, _, t = problem(device)
+    t = torch.where(t == -100, 3, t)
+    ours = grads(fused_softmax.linear_cross_entropy, x, w, None, t, ignore_index=3)
+    theirs = grads(reference, x, w, None, t, ignore_index=3)
+    for a, e in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, e)
+    one = fused_softmax.linear_cross_entropy(x[0], w, t[1], reduction="none")
+    torch.testing.assert_close(one, reference(x[0], w, t[1], reduction="none"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_within_twice_torch_error(device, dtype):
+    x, w, b, t = problem(device, n=256, h=64, c=1000)
+    exact = grads(reference, x, w, b, t)
+    ours = grads(fused_softmax.linear_cross_entropy, x.to(dtype), w.to(dtype), b.to(dtype), t, chunk_size=100)
+    theirs = grads(reference, x.to(dtype), w.to(dtype), b.to(dtype), t)
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    for name, a, o, e in zip(("loss", "input", "weight", "bias"), ours, theirs, exact, strict=True):
+        ours_err = (a.double() - e).abs().max().item()
+        torch_err = (o.double() - e).abs().max().item()
+        assert ours_err <= 2 * torch_err + floor * max(1.0, e.abs().max().item()), (name, ours_err, torch_err)
+
+
+def test_gradcheck(device):
+    x, w, b, t = problem(device, n=6, h=3, c=5)
+    inputs = tuple(v.detach().requires_grad_(True) for v in (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: fused_softmax.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4, label_smoothing=0.2),
+        inputs,
+    )
+
+
+def test_torch_compile_fullgraph_equals_eager(device):
+    torch._dynamo.reset()
+    x, w, b, t = problem(device, dtype=torch.float32)
+
+    def step(x, w, b):
+        return fused_softmax.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=16)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        params = [v.detach().clone().requires_grad_(True) for v in (x, w, b)]
+        loss = fn(*params)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in params])
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize(
+    "call,words",
+    [
+        (lambda x, w, t: fused_softmax.linear_cross_entropy(x[:, :3], w, t), ["input", "(N, 16)", "(37, 3)"]),
+        (lambda x, w, t: fused_softmax.linear_cross_entropy(x, w[0], t), ["linear_weight", "(C, in_features)"]),
+        (lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t[:5]), ["target", "37 rows"]),
+        (lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t, linear_bias=w[0]), ["linear_bias", "(50,)"]),
+        (lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t, chunk_size=0), ["chunk_size"]),
+        (lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t, reduction="avg"), ["reduction"]),
+        (lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t.clamp(0) + 50), ["target", "out of range"]),
+    ],
+)
+def test_bad_inputs(call, words):
+    x, w, _, t = problem("cpu")
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        call(x, w, t)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
