@@ -62,6 +62,11 @@ def linear_cross_entropy(
     rows_target = target.unsqueeze(0) if unbatched else target
     if rows_target.shape[:1] != rows.shape[:1]:
         raise ValueError(f"linear_cross_entropy: target: expected {rows.shape[0]} rows, got {rows_target.shape[0]}")
+    if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
+        raise ValueError(
+            "linear_cross_entropy: target, weight: gradients with respect to probability targets or class "
+            "weights are not supported; pass them detached"
+        )
     if rows_target.is_floating_point():
         rows_target = rows_target.to(input.dtype)  # probabilities in the logits' dtype, as cross_entropy does
     # cross_entropy checks the options and shapes once, on an empty chunk; the op checks the class

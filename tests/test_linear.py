@@ -113,6 +113,16 @@ def test_torch_compile_fullgraph_equals_eager(device):
         (lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t, chunk_size=0), ["chunk_size"]),
         (lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t, reduction="avg"), ["reduction"]),
         (lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t.clamp(0) + 50), ["target", "out of range"]),
+        (
+            lambda x, w, t: fused_softmax.linear_cross_entropy(
+                x, w, torch.rand(37, 50, dtype=x.dtype).requires_grad_()
+            ),
+            ["target", "not supported"],
+        ),
+        (
+            lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t, weight=torch.ones(50).requires_grad_()),
+            ["weight", "not supported"],
+        ),
     ],
 )
 def test_bad_inputs(call, words):
