@@ -220,8 +220,12 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch 1,") == 1  # only rank 0 prints
     both = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    # Gradients are summed in another order across two ranks: the same numbers up to rounding, so at
+    # most one borderline image may flip between right and wrong.
     for a, b in zip(single, both, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-5 and a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+        assert abs(a["train_acc"] - b["train_acc"]) <= 1 / 640 + 1e-12, (a, b)
+        assert abs(a["test_acc"] - b["test_acc"]) <= 1 / 200 + 1e-12, (a, b)
     w1 = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
     w2 = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]
     for k in w1:
