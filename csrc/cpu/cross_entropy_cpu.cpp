@@ -56,10 +56,17 @@ inline void store(scalar_t* p, const Vectorized<acc_t>& v, int64_t n) {
   }
 }
 
-// exp_u20 is ATen's fast float exp (the one its own softmax uses); double keeps libm's.
+// exp over lanes. float: ATen's exp_u20 (the one its own softmax uses); for 16-bit inputs the cheaper
+// fexp_u20 (a degree-3 polynomial), whose error the inputs' own rounding hides. double: libm.
+template <typename scalar_t>
 inline Vectorized<float> vexp(const Vectorized<float>& v) {
-  return v.exp_u20();
+  if constexpr (at::is_reduced_floating_point_v<scalar_t>) {
+    return v.fexp_u20();
+  } else {
+    return v.exp_u20();
+  }
 }
+template <typename scalar_t>
 inline Vectorized<double> vexp(const Vectorized<double>& v) {
   return v.map([](double a) { return std::exp(a); });
 }
@@ -117,7 +124,7 @@ RowSums<acc_t> row_sums(const scalar_t* x, int64_t C, acc_t m, const SpreadMass<
   for (int64_t j = 0; j < C; j += K) {
     const int64_t n = std::min(K, C - j);
     const Vec xm = Vec::set(zero, load<acc_t>(x + j, n) - Vec(m), n);  // lanes past the row: 0, never inf
-    sum_exp += Vec::set(zero, vexp(xm), n);
+    sum_exp += Vec::set(zero, vexp<scalar_t>(xm), n);
     if (spread) {
       const Vec q = spread->at(j, n);
       mass += q;
@@ -160,7 +167,7 @@ void row_grad(
   const Vec max(stats.max), log_sum(stats.log_sum), vg(g), vS(S);
   for (int64_t j = 0; j < C; j += K) {
     const int64_t n = std::min(K, C - j);
-    Vec p_scaled = vexp((load<acc_t>(x + j, n) - max) - log_sum) * vS;
+    Vec p_scaled = vexp<scalar_t>((load<acc_t>(x + j, n) - max) - log_sum) * vS;
     if (spread) p_scaled = p_scaled - spread->at(j, n);
     store(dx + j, vg * p_scaled, n);
   }
@@ -189,7 +196,7 @@ inline Vectorized<double> vlog(const Vectorized<double>& v) {
 
 // The forward of a block of index-target rows held one per lane (see transpose_in): losses and stats
 // of rows [0, rows), computed lane-wise, the same math as the row path.
-template <typename acc_t>
+template <typename acc_t, typename scalar_t>
 void forward_block(const acc_t* buf, int64_t rows, int64_t C, const int64_t* y, int64_t ignore_index, const acc_t* w,
                    acc_t eps, acc_t* loss, RowStats<acc_t>* stats) {
   using Vec = Vectorized<acc_t>;
@@ -200,7 +207,7 @@ void forward_block(const acc_t* buf, int64_t rows, int64_t C, const int64_t* y, 
   Vec sum_exp(0), mass(0), mass_dot(0);
   for (int64_t c = 0; c < C; ++c) {
     const Vec xm = Vec::loadu(buf + c * K) - m;
-    sum_exp += vexp(xm);
+    sum_exp += vexp<scalar_t>(xm);
     if (eps > 0) {  // label smoothing spreads b * w_c on every class
       const Vec q(w ? b * w[c] : b);
       mass += q;
@@ -229,7 +236,7 @@ void forward_block(const acc_t* buf, int64_t rows, int64_t C, const int64_t* y, 
 // The backward of a block of index-target rows held one per lane, in place in buf:
 // g * (p_c * S - q_c), the target class included, so it is rounded once. Ignored and NaN rows
 // are left for the caller to overwrite.
-template <typename acc_t>
+template <typename acc_t, typename scalar_t>
 void backward_block(acc_t* buf, int64_t rows, int64_t C, const int64_t* y, int64_t ignore_index, const acc_t* w,
                     acc_t eps, acc_t spread_mass, const RowStats<acc_t>* stats, const acc_t* g, int64_t g_stride) {
   using Vec = Vectorized<acc_t>;
@@ -251,7 +258,7 @@ void backward_block(acc_t* buf, int64_t rows, int64_t C, const int64_t* y, int64
   for (int64_t c = 0; c < C; ++c) {
     Vec q = Vec::blendv(Vec(0), vcoef, vcls == Vec(static_cast<acc_t>(c)));
     if (eps > 0) q += Vec(w ? b * w[c] : b);
-    const Vec p = vexp((Vec::loadu(buf + c * K) - vmax) - vlog_sum);
+    const Vec p = vexp<scalar_t>((Vec::loadu(buf + c * K) - vmax) - vlog_sum);
     (vg * (p * vS - q)).store(buf + c * K);
   }
 }
@@ -337,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
         for (int64_t i0 = begin; i0 < end; i0 += K) {
           const int64_t rows = std::min(K, end - i0);
           transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
-          forward_block<acc_t>(buf, rows, C, p.target.const_data_ptr<int64_t>() + i0, ignore_index, w, eps,
+          forward_block<acc_t, scalar_t>(buf, rows, C, p.target.const_data_ptr<int64_t>() + i0, ignore_index, w, eps,
                                loss_out + i0, stats_out + i0);
         }
         return;
@@ -433,7 +440,7 @@ at::Tensor cross_entropy_bwd_cpu(
         for (int64_t i0 = begin; i0 < end; i0 += K) {
           const int64_t rows = std::min(K, end - i0);
           transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
-          backward_block<acc_t>(buf, rows, C, y_in + i0, ignore_index, w, eps, spread_index_mass, stats_in + i0,
+          backward_block<acc_t, scalar_t>(buf, rows, C, y_in + i0, ignore_index, w, eps, spread_index_mass, stats_in + i0,
                                 g + i0 * g_stride, g_stride);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
