@@ -187,6 +187,18 @@ void transpose_in(const scalar_t* x, int64_t x_stride, int64_t rows, int64_t C, 
     for (int64_t c = 0; c < C; ++c) buf[c * K + r] = static_cast<acc_t>(x[r * x_stride + c]);
 }
 
+// Calls f(i0, rows, buf) for each block of up to K rows of [begin, end), the block transposed into buf.
+template <typename acc_t, typename scalar_t, typename F>
+void for_each_block(const scalar_t* x, int64_t x_stride, int64_t C, int64_t begin, int64_t end, F&& f) {
+  constexpr int64_t K = Vectorized<acc_t>::size();
+  __at_align__ acc_t buf[kMaxSmallClasses * K];
+  for (int64_t i0 = begin; i0 < end; i0 += K) {
+    const int64_t rows = std::min(K, end - i0);
+    transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
+    f(i0, rows, buf);
+  }
+}
+
 inline Vectorized<float> vlog(const Vectorized<float>& v) {
   return v.log();
 }
@@ -339,14 +351,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
 
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
       if (small) {  // K rows at once, one per lane
-        constexpr int64_t K = Vectorized<acc_t>::size();
-        __at_align__ acc_t buf[kMaxSmallClasses * K];
-        for (int64_t i0 = begin; i0 < end; i0 += K) {
-          const int64_t rows = std::min(K, end - i0);
-          transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
-          forward_block<acc_t, scalar_t>(buf, rows, C, p.target.const_data_ptr<int64_t>() + i0, ignore_index, w, eps,
-                               loss_out + i0, stats_out + i0);
-        }
+        for_each_block<acc_t>(x, x_stride, C, begin, end, [&](int64_t i0, int64_t rows, const acc_t* buf) {
+          forward_block<acc_t, scalar_t>(
+              buf, rows, C, p.target.const_data_ptr<int64_t>() + i0, ignore_index, w, eps, loss_out + i0,
+              stats_out + i0);
+        });
         return;
       }
       for (int64_t i = begin; i < end; ++i) {  // row by row
@@ -436,16 +445,14 @@ at::Tensor cross_entropy_bwd_cpu(
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
       if (small) {  // K rows at once, one per lane
         constexpr int64_t K = Vectorized<acc_t>::size();
-        __at_align__ acc_t buf[kMaxSmallClasses * K];
-        for (int64_t i0 = begin; i0 < end; i0 += K) {
-          const int64_t rows = std::min(K, end - i0);
-          transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
-          backward_block<acc_t, scalar_t>(buf, rows, C, y_in + i0, ignore_index, w, eps, spread_index_mass, stats_in + i0,
-                                g + i0 * g_stride, g_stride);
+        for_each_block<acc_t>(x, x_stride, C, begin, end, [&](int64_t i0, int64_t rows, acc_t* buf) {
+          backward_block<acc_t, scalar_t>(
+              buf, rows, C, y_in + i0, ignore_index, w, eps, spread_index_mass, stats_in + i0, g + i0 * g_stride,
+              g_stride);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
           for (int64_t r = 0; r < rows; ++r) mend_row(i0 + r);
-        }
+        });
         return;
       }
       for (int64_t i = begin; i < end; ++i) {  // row by row
