@@ -123,7 +123,6 @@ PreparedArgs prepare_args(
   }
   if (weight.has_value() && weight->defined()) {
     p.weight = weight->to(accumulate_type(input.scalar_type())).contiguous();
-    p.weight_sum = p.weight.sum();  // stays on the device: no host synchronisation
   }
   return p;
 }

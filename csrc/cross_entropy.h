@@ -47,7 +47,6 @@ struct PreparedArgs {
   at::Tensor input;       // rows with stride(1) == 1 (copied only when they were not)
   at::Tensor target;      // int64 class indices, or probabilities with stride(1) == 1
   at::Tensor weight;      // accumulation dtype, contiguous; undefined without weight
-  at::Tensor weight_sum;  // 0-dim sum of weight on input's device; undefined without weight
   bool probabilities;     // target holds class probabilities rather than indices
 };
 

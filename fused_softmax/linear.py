@@ -132,8 +132,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = accumulate_dtype(input.dtype)
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.precomputed = reduction != 0 and any(needs)
+        divisor = mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else 1
         if ctx.precomputed:
-            divisor = mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else 1
             grad_rows = (torch.ones((), dtype=acc, device=input.device) / divisor).expand(n)
             grads = _Gradients(needs, input, linear_weight, acc)
         losses = input.new_empty((n,), dtype=acc)
@@ -157,8 +157,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.options = (ignore_index, eps, chunk)
         if reduction == 0:
             return losses
-        total = losses.sum()
-        return total / mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else total
+        return losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <limits>
+#include <numeric>
 
 namespace fused_softmax {
 namespace {
@@ -423,7 +424,7 @@ at::Tensor cross_entropy_bwd_cpu(
     const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
     const acc_t eps = static_cast<acc_t>(label_smoothing);
     const acc_t spread_b = eps / static_cast<acc_t>(C);
-    const acc_t spread_index_mass = spread_b * (p.weight.defined() ? p.weight_sum.item<acc_t>() : static_cast<acc_t>(C));
+    const acc_t spread_index_mass = spread_b * (w ? std::accumulate(w, w + C, acc_t(0)) : static_cast<acc_t>(C));
 
     const bool small = !p.probabilities && C <= kMaxSmallClasses;
     const int64_t* y_in = p.probabilities ? nullptr : p.target.const_data_ptr<int64_t>();

@@ -164,7 +164,7 @@ struct KernelArgs {
   const scalar_t* t;     // class probabilities, or nullptr
   int64_t t_stride;
   const acc_t* w;        // class weights, or nullptr
-  const acc_t* w_sum;    // sum of w, or nullptr
+  const acc_t* w_sum;    // backward: sum of w, or nullptr
   int64_t ignore_index;
   acc_t eps;             // label smoothing
   const acc_t* stats;    // backward: the forward's (max, log_sum) per row
@@ -325,7 +325,6 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(const PreparedArgs& 
   }
   if (p.weight.defined()) {
     a.w = p.weight.const_data_ptr<acc_t>();
-    a.w_sum = p.weight_sum.const_data_ptr<acc_t>();
     check_weight_kernel<<<1, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(a.w, a.C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -417,10 +416,13 @@ at::Tensor cross_entropy_bwd_cuda(
   if (reduction == kMean) g = g / mean_divisor_cuda(p, ignore_index, acc);
   if (reduction != kNone) g = g.expand({N});
   const at::Tensor stats_c = stats.contiguous();
+  // Only backward needs sum(weight); it stays on the device (no host synchronisation).
+  const at::Tensor weight_sum = p.weight.defined() ? p.weight.sum() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto a = kernel_args<scalar_t>(p, ignore_index, label_smoothing);
     a.stats = stats_c.const_data_ptr<acc_t>();
+    if (weight_sum.defined()) a.w_sum = weight_sum.const_data_ptr<acc_t>();
     a.g = g.const_data_ptr<acc_t>();
     a.g_stride = g.stride(0);
     launch_for_classes<scalar_t, LaunchBwd>(N, C, a, grad.data_ptr<scalar_t>());
