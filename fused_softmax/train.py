@@ -125,8 +125,10 @@ class Distributed:
             dist.all_reduce(t)
         return t
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
         if self.world > 1:
+            if finished:
+                dist.barrier()  # no rank tears gloo down (and exits) while another still works
             dist.destroy_process_group()
 
 
@@ -229,9 +231,11 @@ def train(args: argparse.Namespace) -> list[dict]:
                 write_metrics(out, metrics)
         if ddp.main:
             plot_curves(out / "curves.png", metrics)
-        return metrics
-    finally:
-        ddp.close()
+    except BaseException:
+        ddp.close(finished=False)
+        raise
+    ddp.close(finished=True)
+    return metrics
 
 
 def write_metrics(out: Path, metrics: list[dict]) -> None:
