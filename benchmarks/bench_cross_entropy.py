@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import fused_softmax
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("forward", "backward", "full")
+MODES = ("forward", "backward", "full", "inplace")  # inplace: fused only, the gradient over the logits
 
 
 def providers(device: str) -> dict[str, Callable]:
@@ -81,7 +81,7 @@ class Timer:
 
 def fused_bytes(mode: str, n: int, c: int, itemsize: int) -> int:
     """Bytes a fused kernel must move: forward reads the logits; backward reads them and writes the grad."""
-    return {"forward": 1, "backward": 2, "full": 3}[mode] * n * c * itemsize
+    return {"forward": 1, "backward": 2, "full": 3, "inplace": 2}[mode] * n * c * itemsize
 
 
 def quantiles(times: list[float]) -> tuple[float, float, float]:
@@ -99,6 +99,9 @@ def case(fn: Callable, mode: str, x0: torch.Tensor, y: torch.Tensor) -> tuple[Ca
         return lambda: None, lambda _: fn(x0, y)
     if mode == "full":
         return fresh, lambda x: fn(x, y).backward()
+    if mode == "inplace":  # the op that leaves d loss / d logits in the logits' storage, on a fresh copy
+        op = torch.ops.fused_softmax.cross_entropy_fwd_inplace.default
+        return lambda: x0.detach().clone(), lambda x: op(x, y, None, -100, 0.0, 1)
     return lambda: fn(fresh(), y), lambda loss: loss.backward()  # backward
 
 
@@ -164,7 +167,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--modes", default="full,forward", help="forward, backward, full (forward+backward)")
+    parser.add_argument(
+        "--modes",
+        default="full,forward",
+        help="forward, backward, full (forward+backward), inplace (fused: forward+backward into the logits)",
+    )
     parser.add_argument("--providers", default="fused,torch,compile,liger,quack")
     parser.add_argument("--shapes", default="65536x10,8192x1000,4096x32000,1024x128256")
     parser.add_argument("--reps", type=int, default=10)
@@ -210,6 +217,8 @@ def main() -> None:
             for mode in args.modes.split(","):
                 fused_median = None
                 for name in wanted:
+                    if mode == "inplace" and name != "fused":
+                        continue
                     try:
                         setup, timed = case(available[name], mode, x0, y)
                         times = timer(setup, timed, args.reps, args.warmup)

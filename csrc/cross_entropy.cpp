@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 namespace fused_softmax {
 
 namespace {
@@ -100,6 +102,17 @@ void check_backward_args(
       stats.device());
 }
 
+LogitOptions check_options(double logit_scale, double softcap, double z_loss) {
+  TORCH_CHECK(
+      std::isfinite(logit_scale) && logit_scale > 0,
+      "fused_softmax: logit_scale: expected a finite value > 0, got ", logit_scale);
+  TORCH_CHECK(
+      std::isfinite(softcap) && softcap >= 0,
+      "fused_softmax: softcap: expected a finite value > 0 (or 0 for none), got ", softcap);
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0, "fused_softmax: z_loss: expected a finite value >= 0, got ", z_loss);
+  return {logit_scale, softcap, z_loss};
+}
+
 at::ScalarType accumulate_type(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -133,13 +146,21 @@ PreparedArgs prepare_args(
 TORCH_LIBRARY(fused_softmax, m) {
   // The loss (per row for reduction 0, else 0-dim; in the accumulation dtype) and
   // the per-row statistics (max, log_sum) that backward needs; lse = max + log_sum.
+  // logit_scale, softcap and z_loss: see cross_entropy.h.
   m.def(
       "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
-      "int reduction) -> (Tensor loss, Tensor stats)");
+      "int reduction, float logit_scale=1., float softcap=0., float z_loss=0.) -> (Tensor loss, Tensor stats)");
   // d(grad_loss . loss) / d input, in one pass over input.
   m.def(
       "cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
-      "int ignore_index, float label_smoothing, int reduction) -> Tensor");
+      "int ignore_index, float label_smoothing, int reduction, float logit_scale=1., float softcap=0., "
+      "float z_loss=0.) -> Tensor");
+  // The forward that also overwrites input with d loss / d input (for grad_loss = 1): forward and
+  // backward in one sweep, and no N x C allocation. input must have contiguous rows.
+  m.def(
+      "cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction, float logit_scale=1., float softcap=0., float z_loss=0.) "
+      "-> (Tensor loss, Tensor stats)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -13,7 +13,14 @@
 //   loss[i]  = sum_c q[i, c] * (lse[i] - x[i, c])       (0 for an ignored row)
 //   dx[i, c] = grad_loss[i] * (exp(x[i, c] - lse[i]) * S[i] - q[i, c])   (0 for an ignored row)
 //
-// This is torch.nn.functional.cross_entropy with reduction='none'. The ops also
+// This is torch.nn.functional.cross_entropy with reduction='none'. Options
+// beyond it (all off by default, in both kernels):
+//   logit_scale s, softcap cap: x above is not the input r but
+//              s * r, or cap * tanh(s * r / cap) with a softcap (-inf stays -inf,
+//              so padding never takes mass); dr = dx * s * (1 - (x / cap)^2).
+//   z_loss z:  loss[i] += z * lse[i]^2 (rows not ignored), the PaLM auxiliary
+//              term; its gradient 2 z lse[i] p[i, c] joins S: S[i] -> S[i] + 2 z lse[i].
+// The ops also
 // reduce, as torch's nll_loss does (reduction: 0 none, 1 mean, 2 sum): 'mean'
 // divides the sum by D = sum of w[y_i] over the rows not ignored (class
 // indices) or by N (class probabilities); backward then spreads one grad_loss
@@ -29,6 +36,16 @@
 #include <c10/util/Optional.h>
 
 namespace fused_softmax {
+
+// What the kernels do beyond torch's cross-entropy (see the comment above).
+struct LogitOptions {
+  double logit_scale = 1.0;
+  double softcap = 0.0;  // 0: none
+  double z_loss = 0.0;
+};
+
+// Checks the options; the message names the bad one.
+LogitOptions check_options(double logit_scale, double softcap, double z_loss);
 
 // Extra checks of the backward op's own inputs.
 void check_backward_args(

@@ -1,4 +1,4 @@
-// Autograd for the forward op, registered for the Autograd dispatch key in C++
+// Autograd for the forward ops, registered for the Autograd dispatch key in C++
 // (as torchvision does for its ops): the backward runs in the autograd engine
 // without a trip through Python, which is most of the cost of a small loss.
 #include "cross_entropy.h"
@@ -15,34 +15,60 @@ using torch::autograd::variable_list;
 
 std::tuple<at::Tensor, at::Tensor> call_fwd(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
+    double z_loss) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fused_softmax::cross_entropy_fwd", "")
                        .typed<decltype(call_fwd)>();
-  return op.call(input, target, weight, ignore_index, label_smoothing, reduction);
+  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_fwd_inplace(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fused_softmax::cross_entropy_fwd_inplace", "")
+                       .typed<decltype(call_fwd_inplace)>();
+  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
 }
 
 at::Tensor call_bwd(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
-    int64_t reduction) {
+    int64_t reduction, double logit_scale, double softcap, double z_loss) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fused_softmax::cross_entropy_bwd", "")
                        .typed<decltype(call_bwd)>();
-  return op.call(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction);
+  return op.call(
+      grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
 }
+
+// The non-tensor arguments, kept in ctx->saved_data.
+void save_options(
+    AutogradContext* ctx, int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale,
+    double softcap, double z_loss) {
+  ctx->saved_data["ignore_index"] = ignore_index;
+  ctx->saved_data["label_smoothing"] = label_smoothing;
+  ctx->saved_data["reduction"] = reduction;
+  ctx->saved_data["logit_scale"] = logit_scale;
+  ctx->saved_data["softcap"] = softcap;
+  ctx->saved_data["z_loss"] = z_loss;
+}
+
+// The gradients of the inputs that have none (weight and the options).
+const variable_list kNoGrads(9);
 
 class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
  public:
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-      const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing, int64_t reduction) {
+      const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing, int64_t reduction,
+      double logit_scale, double softcap, double z_loss) {
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels below see plain tensors
-    auto [loss, stats] = call_fwd(input, target, weight, ignore_index, label_smoothing, reduction);
+    auto [loss, stats] =
+        call_fwd(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), stats});
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["reduction"] = reduction;
+    save_options(ctx, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
     ctx->mark_non_differentiable({stats});  // stats serve backward; they are not a result to train on
     ctx->set_materialize_grads(false);      // so no zero gradient is allocated for stats
     return {loss, stats};
@@ -57,31 +83,101 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const double eps = ctx->saved_data["label_smoothing"].toDouble();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const double logit_scale = ctx->saved_data["logit_scale"].toDouble();
+    const double softcap = ctx->saved_data["softcap"].toDouble();
+    const double z_loss = ctx->saved_data["z_loss"].toDouble();
     const at::Tensor& grad_loss = grads[0];
-    at::Tensor grad_input, grad_target;
-    if (!grad_loss.defined()) return {grad_input, grad_target, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list out = kNoGrads;
+    if (!grad_loss.defined()) return out;
     if (ctx->needs_input_grad(0)) {
-      grad_input = call_bwd(grad_loss, input, target, weight, stats, ignore_index, eps, reduction);
+      out[0] = call_bwd(
+          grad_loss, input, target, weight, stats, ignore_index, eps, reduction, logit_scale, softcap, z_loss);
     }
     if (ctx->needs_input_grad(1)) {
-      // Probability targets: d loss_i / d t_ic = (1 - eps) * w_c * (lse_i - x_ic), lse - x = log_sum - (x - max).
-      const at::Tensor x = input.to(stats.scalar_type());
+      // Probability targets: d loss_i / d t_ic = (1 - eps) * w_c * (lse_i - x_ic), lse - x = log_sum - (x - max),
+      // x the logits as the softmax saw them.
+      at::Tensor x = input.to(stats.scalar_type()) * logit_scale;
+      if (softcap > 0) x = at::where(at::isneginf(x), x, at::tanh(x / softcap) * softcap);
       at::Tensor lse_minus_x = stats.select(1, 1).unsqueeze(1) - (x - stats.select(1, 0).unsqueeze(1));
       at::Tensor g = grad_loss.to(stats.scalar_type());  // per row, or one value for a reduced loss
       if (reduction == kNone) g = g.unsqueeze(1);
       if (reduction == kMean) g = g / static_cast<double>(input.size(0));  // probabilities: mean over rows
       at::Tensor scale = g * (1 - eps);
       if (weight) scale = scale * weight->to(stats.scalar_type());
-      grad_target = (scale * lse_minus_x).to(target.scalar_type());
+      out[1] = (scale * lse_minus_x).to(target.scalar_type());
     }
-    return {grad_input, grad_target, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return out;
+  }
+};
+
+// The in-place variant: the forward leaves d loss / d input (for grad_loss = 1) in input's own
+// storage, and backward only scales it by grad_loss. input is marked dirty, so autograd's version
+// counter catches a use of the old logits elsewhere in the graph instead of reading the gradient.
+class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntropyInplaceFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, at::Tensor input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+      int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
+      double z_loss) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, stats] = call_fwd_inplace(
+        input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    ctx->mark_dirty({input});
+    ctx->save_for_backward({input});  // now the gradient
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["used"] = false;
+    ctx->mark_non_differentiable({stats});
+    ctx->set_materialize_grads(false);
+    return {loss, stats, input};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(
+        !grads[2].defined(),
+        "fused_softmax: input: with inplace_backward=True the logits were overwritten by their gradient; they "
+        "cannot feed another differentiable computation after the loss");
+    TORCH_CHECK(
+        !ctx->saved_data["used"].toBool(),
+        "fused_softmax: inplace_backward=True: the stored gradient was already used by a backward; it cannot be "
+        "backpropagated twice (retain_graph)");
+    ctx->saved_data["used"] = true;
+    variable_list out = kNoGrads;
+    const at::Tensor& grad_loss = grads[0];
+    if (!grad_loss.defined()) return out;
+    at::Tensor grad = ctx->get_saved_variables()[0];
+    // Scaled in place, one pass; skipped for the usual grad_loss of 1 when reading it costs no device
+    // sync and it is a real value (not a tensor that torch.compile is tracing).
+    const bool traced = grad_loss.key_set().has(c10::DispatchKey::Python) ||
+                        c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
+    const bool unit =
+        !traced && grad_loss.device().is_cpu() && grad_loss.numel() == 1 && grad_loss.item<double>() == 1.0;
+    if (!unit) {
+      const at::Tensor g = ctx->saved_data["reduction"].toInt() == kNone ? grad_loss.unsqueeze(1) : grad_loss;
+      grad.mul_(g);
+    }
+    out[0] = grad;
+    return out;
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_autograd(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  auto out = CrossEntropyFunction::apply(input, target, weight, ignore_index, label_smoothing, reduction);
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
+    double z_loss) {
+  auto out = CrossEntropyFunction::apply(
+      input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_autograd(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+  TORCH_CHECK(
+      !target.requires_grad(),
+      "fused_softmax: target: inplace_backward=True gives no gradient for probability targets; pass "
+      "target.detach()");
+  auto out = CrossEntropyInplaceFunction::apply(
+      input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
   return {out[0], out[1]};
 }
 
@@ -89,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_autograd(
 
 TORCH_LIBRARY_IMPL(fused_softmax, Autograd, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_autograd);
+  m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_autograd);
 }
 
 }  // namespace fused_softmax

@@ -2,12 +2,14 @@
 
 import fused_softmax
 loss = fused_softmax.cross_entropy(logits, target)  # as torch.nn.functional.cross_entropy
+fused_softmax.distributed.vocab_parallel_cross_entropy  # classes split over ranks
 """
 
+from . import distributed
 from ._ops import backend
-from .functional import cross_entropy
+from .functional import CrossEntropyOutput, cross_entropy
 from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "backend", "cross_entropy", "linear_cross_entropy"]
+__all__ = ["CrossEntropyLoss", "CrossEntropyOutput", "backend", "cross_entropy", "distributed", "linear_cross_entropy"]
 __version__ = "0.1.0"

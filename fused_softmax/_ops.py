@@ -45,37 +45,97 @@ def backend() -> dict[str, str]:
 
 
 def cross_entropy(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float, reduction: str
-) -> Tensor:
-    """The loss of 2-D input (per row for 'none', else 0-dim), in the accumulation dtype; differentiable."""
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    z_loss: float = 0.0,
+    inplace_backward: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The loss of 2-D input (per row for 'none', else 0-dim) and the stats (max, log_sum) per row, in the
+    accumulation dtype; the loss is differentiable. inplace_backward: input's storage receives the gradient."""
     args = (input, target, weight, ignore_index, label_smoothing, reference.REDUCTIONS.index(reduction))
     if _C is None:
-        return reference.cross_entropy(*args)[0]
-    return _FWD(*args)[0]
+        if inplace_backward:
+            return _reference_inplace(*args, logit_scale, softcap, z_loss)
+        return reference.cross_entropy(*args, logit_scale, softcap, z_loss)
+    if inplace_backward:
+        return _FWD_INPLACE(*args, logit_scale, softcap, z_loss)
+    return _FWD(*args, logit_scale, softcap, z_loss)
+
+
+class _ReferenceInplace(torch.autograd.Function):
+    """The in-place contract in plain PyTorch (no compiled ops): the gradient replaces the logits."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss):
+        loss, stats = _reference_inplace_kernel(
+            input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss
+        )
+        ctx.mark_dirty(input)
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(input)
+        ctx.reduction = reduction
+        return loss, stats, input
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats, grad_input):
+        (grad,) = ctx.saved_tensors
+        g = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
+        return (grad * g,) + (None,) * 8
+
+
+def _reference_inplace_kernel(input, target, weight, ignore_index, label_smoothing, reduction, *options):
+    """The in-place op's contract: the forward's results, and input overwritten by d loss / d input."""
+    with torch.no_grad():
+        loss, stats = reference.cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction, *options)
+        unit = torch.ones_like(loss)
+        input.copy_(
+            reference.cross_entropy_rows_grad(
+                unit, input, target, weight, stats, ignore_index, label_smoothing, reduction, *options
+            )
+        )
+    return loss, stats
+
+
+def _reference_inplace(*args) -> tuple[Tensor, Tensor]:
+    if not torch.is_grad_enabled() or not args[0].requires_grad:
+        return _reference_inplace_kernel(*args)
+    loss, stats, _ = _ReferenceInplace.apply(*args)
+    return loss, stats
 
 
 if _C is not None:
     _FWD = torch.ops.fused_softmax.cross_entropy_fwd.default  # the overload itself: less Python per call
+    _FWD_INPLACE = torch.ops.fused_softmax.cross_entropy_fwd_inplace.default
 
     @torch.library.register_fake("fused_softmax::cross_entropy_fwd")
-    def _fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction):
+    def _fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction, *options):
         acc = reference.accumulate_dtype(input.dtype)
         loss_shape = (input.shape[0],) if reduction == 0 else ()
         return input.new_empty(loss_shape, dtype=acc), input.new_empty((input.shape[0], 2), dtype=acc)
 
+    torch.library.register_fake("fused_softmax::cross_entropy_fwd_inplace")(_fwd_fake)
+
     @torch.library.register_fake("fused_softmax::cross_entropy_bwd")
-    def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction):
+    def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, *options):
         return input.new_empty(input.shape)
 
     if not _C.cuda_built():  # CUDA tensors still work, through the reference math
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_fwd", "cuda")
-        def _fwd_cuda_fallback(input, target, weight, ignore_index, label_smoothing, reduction):
+        def _fwd_cuda_fallback(*args):
             with torch.no_grad():
-                return reference.cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction)
+                return reference.cross_entropy(*args)
+
+        @torch.library.register_kernel("fused_softmax::cross_entropy_fwd_inplace", "cuda")
+        def _fwd_inplace_cuda_fallback(*args):
+            return _reference_inplace_kernel(*args)
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_bwd", "cuda")
-        def _bwd_cuda_fallback(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction):
-            return reference.cross_entropy_rows_grad(
-                grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction
-            )
+        def _bwd_cuda_fallback(*args):
+            return reference.cross_entropy_rows_grad(*args)

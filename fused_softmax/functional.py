@@ -7,11 +7,21 @@ arguments, folds every accepted layout into that view, and shapes the result.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from . import _ops
-from .reference import REDUCTIONS
+from .reference import REDUCTIONS, mean_divisor
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What cross_entropy returns when return_lse or return_z_loss asks for more than the loss."""
+
+    loss: Tensor
+    lse: Tensor | None  # per-row log-sum-exp of the (scaled, capped) logits, float32 (float64 for float64)
+    z_loss: Tensor | None  # the z-loss part of loss, reduced like it; detached, for logging
 
 
 def cross_entropy(
@@ -23,7 +33,14 @@ def cross_entropy(
     reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-) -> Tensor:
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_lse: bool = False,
+    return_z_loss: bool = False,
+    inplace_backward: bool = False,
+) -> Tensor | CrossEntropyOutput:
     """Softmax cross-entropy between logits `input` and `target`, fused.
 
     Same signature, defaults and results as torch.nn.functional.cross_entropy:
@@ -31,14 +48,71 @@ def cross_entropy(
     int32) of shape (), (N) or (N, d1, ..., dk), or class probabilities of
     input's shape. The loss is accumulated in float32 for float16/bfloat16
     input and returned in input's dtype.
+
+    Beyond torch (keyword-only, all off by default):
+      z_loss: adds z_loss * lse^2 per row (PaLM's auxiliary loss; ignored rows add nothing).
+      softcap: the softmax sees softcap * tanh(logits / softcap) (Gemma 2); -inf logits stay -inf.
+      logit_scale: the softmax sees logit_scale * logits (applied before softcap).
+      return_lse / return_z_loss: return CrossEntropyOutput(loss, lse, z_loss) instead of the loss.
+      inplace_backward: the forward also writes d loss / d input into input's own storage, so
+        forward + backward allocate nothing of input's size; input then holds the gradient, not the
+        logits. Needs (N, C) or (C,) contiguous logits that are not a leaf and are used by nothing
+        else that autograd saved; only when a gradient is needed (else it is a plain forward).
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     rows, target_rows, rows_shape = _as_rows(input, target, reduction, label_smoothing, weight, ignore_index)
-    loss = _ops.cross_entropy(rows, target_rows, weight, ignore_index, label_smoothing, reduction)
+    for name, value in (("z_loss", z_loss), ("logit_scale", logit_scale), ("softcap", softcap)):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise TypeError(f"cross_entropy: {name}: expected a float, got {type(value).__name__}")
+    if not z_loss >= 0:
+        raise ValueError(f"cross_entropy: z_loss: expected a value >= 0, got {z_loss}")
+    if not logit_scale > 0:
+        raise ValueError(f"cross_entropy: logit_scale: expected a value > 0, got {logit_scale}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"cross_entropy: softcap: expected a value > 0 or None, got {softcap}")
+    inplace_backward = inplace_backward and torch.is_grad_enabled() and input.requires_grad
+    if inplace_backward:
+        _check_inplace(input)
+    loss, stats = _ops.cross_entropy(
+        rows, target_rows, weight, ignore_index, label_smoothing, reduction,
+        float(logit_scale), float(softcap or 0.0), float(z_loss), inplace_backward,
+    )  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(rows_shape)
-    return _as_dtype(loss, input.dtype)  # 'mean' with every target ignored: 0 / 0 = nan, as in torch
+    loss = _as_dtype(loss, input.dtype)  # 'mean' with every target ignored: 0 / 0 = nan, as in torch
+    if not (return_lse or return_z_loss):
+        return loss
+    lse = stats.sum(1)
+    z_part = None
+    if return_z_loss:
+        counted = target_rows.is_floating_point() or target_rows != ignore_index
+        z_part = torch.where(counted, z_loss * lse * lse, 0.0)
+        if reduction != "none":
+            z_part = z_part.sum()
+            if reduction == "mean":
+                z_part = z_part / mean_divisor(target_rows, weight, ignore_index, z_part.dtype)
+        z_part = _as_dtype(z_part.reshape(rows_shape) if reduction == "none" else z_part, input.dtype)
+    return CrossEntropyOutput(loss, lse.reshape(rows_shape) if return_lse else None, z_part)
+
+
+def _check_inplace(input: Tensor) -> None:
+    """The misuses of inplace_backward that can be seen before anything is overwritten."""
+    if input.is_leaf:
+        raise ValueError(
+            "cross_entropy: input: inplace_backward=True overwrites the logits with their gradient, but input is a "
+            "leaf that requires grad (its .grad would be lost); use it on logits computed from your parameters"
+        )
+    if input.dim() > 2 or not input.is_contiguous():
+        raise ValueError(
+            "cross_entropy: input: inplace_backward=True needs contiguous (N, C) or (C,) logits, got shape "
+            f"{tuple(input.shape)} with strides {input.stride()}"
+        )
+    if input._base is not None and input._base.numel() != input.numel():
+        raise ValueError(
+            "cross_entropy: input: inplace_backward=True would overwrite a view of a larger tensor "
+            f"({tuple(input._base.shape)}); pass the whole tensor or a copy"
+        )
 
 
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -30,9 +30,13 @@ def linear_cross_entropy(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """As torch.nn.functional.linear_cross_entropy (input (N, H) or (H,), linear_weight (C, H),
-    linear_bias (C,)), without ever holding the (N, C) logits: rows go chunk_size at a time."""
+    linear_bias (C,)), without ever holding the (N, C) logits: rows go chunk_size at a time.
+    z_loss, softcap and logit_scale as in fused_softmax.cross_entropy."""
     ignore_index = -100 if ignore_index is None else ignore_index
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
         raise ValueError(
@@ -54,8 +58,9 @@ def linear_cross_entropy(
     if _ops.LOAD_ERROR is not None:  # no compiled ops: the plain reference path
         logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
         return cross_entropy(
-            logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-        )
+            logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+        )  # fmt: skip
 
     unbatched = input.dim() == 1
     rows = input.unsqueeze(0) if unbatched else input
@@ -79,6 +84,9 @@ def linear_cross_entropy(
             ignore_index=ignore_index,
             reduction=reduction,
             label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            logit_scale=logit_scale,
         )
     chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, linear_weight.shape[0]))
     loss = _LinearCrossEntropy.apply(
@@ -91,6 +99,7 @@ def linear_cross_entropy(
         label_smoothing,
         REDUCTIONS.index(reduction),
         chunk,
+        (float(logit_scale), float(softcap or 0.0), float(z_loss)),
     )
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
@@ -122,57 +131,66 @@ class _Gradients:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """For 'mean' and 'sum' the gradient is known up to grad_output (one number) during the forward,
-    so the forward computes it and the backward scales it: three matmuls in all, as the unfused path.
-    For 'none' each row's grad_output differs, so the backward recomputes each chunk's logits."""
+    """For 'mean' and 'sum' the gradient is known up to grad_output (one number) during the forward:
+    the in-place op turns each chunk's logits into their gradient (for a summed loss) as it computes
+    the loss, and the backward only scales the accumulated gradients; three matmuls in all, as the
+    unfused path. For 'none' each row's grad_output differs, so the backward recomputes each chunk's
+    logits."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, eps, reduction, chunk):
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, eps, reduction, chunk, options):
         n = input.shape[0]
         acc = accumulate_dtype(input.dtype)
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.precomputed = reduction != 0 and any(needs)
-        divisor = mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else 1
+        if reduction == 1:
+            divisor = mean_divisor(target, weight, ignore_index, acc)
+        else:
+            divisor = torch.ones((), dtype=acc, device=input.device)
         if ctx.precomputed:
-            grad_rows = (torch.ones((), dtype=acc, device=input.device) / divisor).expand(n)
             grads = _Gradients(needs, input, linear_weight, acc)
-        losses = input.new_empty((n,), dtype=acc)
-        stats = input.new_empty((n, 2), dtype=acc)
+            total = torch.zeros((), dtype=acc, device=input.device)
+        else:
+            losses = input.new_empty((n,), dtype=acc)
+            stats = input.new_empty((n, 2), dtype=acc)
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
             logits = torch.nn.functional.linear(input[part], linear_weight, linear_bias)
-            losses[part], stats[part] = torch.ops.fused_softmax.cross_entropy_fwd(
-                logits, target[part], weight, ignore_index, eps, 0
-            )
-            if ctx.precomputed:
-                grad_logits = torch.ops.fused_softmax.cross_entropy_bwd(
-                    grad_rows[part], logits, target[part], weight, stats[part], ignore_index, eps, 0
+            if ctx.precomputed:  # logits become d(sum of the chunk's losses) / d logits
+                loss_sum, _ = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
+                    logits, target[part], weight, ignore_index, eps, 2, *options
                 )
-                grads.add(part, grad_logits, input, linear_weight)
+                total += loss_sum
+                grads.add(part, logits, input, linear_weight)
+            else:
+                losses[part], stats[part] = torch.ops.fused_softmax.cross_entropy_fwd(
+                    logits, target[part], weight, ignore_index, eps, 0, *options
+                )
         if ctx.precomputed:
-            ctx.save_for_backward(*(g for g in grads.result(linear_weight, linear_bias) if g is not None))
+            ctx.save_for_backward(*(g for g in grads.result(linear_weight, linear_bias) if g is not None), divisor)
             ctx.needs = needs
-        else:
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats)
-            ctx.options = (ignore_index, eps, chunk)
-        if reduction == 0:
-            return losses
-        return losses.sum() / divisor
+            return total / divisor
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats)
+        ctx.options = (ignore_index, eps, chunk, options)
+        return losses if reduction == 0 else losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.precomputed:
-            saved = iter(ctx.saved_tensors)
-            grads = [next(saved) * grad_output if need else None for need in ctx.needs]
-            return (*grads, None, None, None, None, None, None)
+            *saved, divisor = ctx.saved_tensors
+            saved = iter(saved)
+            scale = grad_output / divisor
+            grads = [next(saved) * scale if need else None for need in ctx.needs]
+            return (*grads, None, None, None, None, None, None, None)
         input, linear_weight, linear_bias, target, weight, stats = ctx.saved_tensors
-        ignore_index, eps, chunk = ctx.options
+        ignore_index, eps, chunk, options = ctx.options
         grads = _Gradients(tuple(ctx.needs_input_grad[:3]), input, linear_weight, stats.dtype)
         for start in range(0, input.shape[0], chunk):
             part = slice(start, start + chunk)
             logits = torch.nn.functional.linear(input[part], linear_weight, linear_bias)
             grad_logits = torch.ops.fused_softmax.cross_entropy_bwd(
-                grad_output[part].contiguous(), logits, target[part], weight, stats[part], ignore_index, eps, 0
-            )
+                grad_output[part].contiguous(), logits, target[part], weight, stats[part], ignore_index, eps, 0,
+                *options,
+            )  # fmt: skip
             grads.add(part, grad_logits, input, linear_weight)
-        return (*grads.result(linear_weight, linear_bias), None, None, None, None, None, None)
+        return (*grads.result(linear_weight, linear_bias), None, None, None, None, None, None, None)

@@ -40,11 +40,27 @@ def _target_mass(
 REDUCTIONS = ("none", "mean", "sum")  # the ops' reduction argument is the index here, as at::Reduction
 
 
+def transform(input: Tensor, logit_scale: float = 1.0, softcap: float = 0.0) -> Tensor:
+    """The logits as the softmax sees them: scale * r, or cap * tanh(scale * r / cap); -inf stays -inf."""
+    x = input * logit_scale if logit_scale != 1.0 else input
+    if softcap > 0:
+        x = torch.where(x == float("-inf"), x, torch.tanh(x / softcap) * softcap)
+    return x
+
+
 def cross_entropy(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float, reduction: int
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The forward op's contract: the loss (per row, or reduced) and stats (max, log_sum); differentiable."""
-    rows, stats = cross_entropy_rows(input, target, weight, ignore_index, label_smoothing)
+    rows, stats = cross_entropy_rows(input, target, weight, ignore_index, label_smoothing, logit_scale, softcap, z_loss)
     if reduction == 0:
         return rows, stats
     total = rows.sum()
@@ -62,11 +78,19 @@ def mean_divisor(target: Tensor, weight: Tensor | None, ignore_index: int, dtype
 
 
 def cross_entropy_rows(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses sum_c q[i, c] * (lse[i] - x[i, c]) and stats (max, log_sum); differentiable."""
+    """Per-row losses sum_c q[i, c] * (lse[i] - x[i, c]) + z_loss * lse[i]^2 and stats (max, log_sum) of
+    the transformed logits x; differentiable."""
     acc = accumulate_dtype(input.dtype)
-    x = input.to(acc)
+    x = transform(input.to(acc), logit_scale, softcap)
     stats = row_stats(x)
     q, valid = _target_mass(target, weight, ignore_index, label_smoothing, x.shape[1], acc)
     terms = q * minus_lse(x, stats).neg()
@@ -74,7 +98,11 @@ def cross_entropy_rows(
         # An index row's one term is its target class: -inf logits elsewhere stay out (no 0 * inf),
         # as in torch; with smoothing or probabilities torch multiplies every class, and so do we.
         terms = torch.where(q != 0, terms, 0)
-    return torch.where(valid, terms.sum(1), 0), stats.detach()
+    rows = terms.sum(1)
+    if z_loss > 0:
+        lse = torch.logsumexp(x, 1)
+        rows = rows + z_loss * lse * lse
+    return torch.where(valid, rows, 0), stats.detach()
 
 
 def row_stats(x: Tensor) -> Tensor:
@@ -98,14 +126,28 @@ def cross_entropy_rows_grad(
     ignore_index: int,
     label_smoothing: float,
     reduction: int,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    z_loss: float = 0.0,
 ) -> Tensor:
-    """The backward op's contract: d(grad_loss . loss) / d input = g[i] * (softmax * S[i] - q[i, :])."""
+    """The backward op's contract: d(grad_loss . loss) / d input =
+    g[i] * (softmax * (S[i] + 2 z_loss lse[i]) - q[i, :]) * dx/dinput."""
     acc = accumulate_dtype(input.dtype)
-    x = input.to(acc)
+    x = transform(input.to(acc), logit_scale, softcap)
     if reduction != 0:  # one value for every row
         divisor = mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else 1
         grad_loss = (grad_loss.to(acc) / divisor).expand(x.shape[0])
     q, valid = _target_mass(target, weight, ignore_index, label_smoothing, x.shape[1], acc)
-    p = torch.exp(minus_lse(x, stats.to(acc)))
-    grad = grad_loss.to(acc)[:, None] * (p * q.sum(1, keepdim=True) - q)
+    stats = stats.to(acc)
+    p = torch.exp(minus_lse(x, stats))
+    S = q.sum(1, keepdim=True) + 2 * z_loss * stats.sum(1, keepdim=True)
+    grad = grad_loss.to(acc)[:, None] * (p * S - q) * transform_slope(x, logit_scale, softcap)
     return torch.where(valid[:, None], grad, 0).to(input.dtype)
+
+
+def transform_slope(x: Tensor, logit_scale: float, softcap: float) -> Tensor | float:
+    """d x / d input at the transformed logits x; 0 at x = -inf (where p = q = 0)."""
+    if softcap <= 0:
+        return logit_scale
+    t = x / softcap
+    return torch.where(x == float("-inf"), 0.0, logit_scale * (1 - t * t))

@@ -2,6 +2,8 @@
 
 python -m fused_softmax.train                      # 5 epochs, lr 0.1, batch 256, as d2l
 python -m fused_softmax.train --loss torch         # the same run with torch's own loss
+python -m fused_softmax.train --loss fused-inplace # the gradient written over the logits (inplace_backward)
+python -m fused_softmax.train --loss fused-linear  # linear layer and loss fused (linear_cross_entropy)
 python -m fused_softmax.train --resume             # continue from the output dir's checkpoint
 python -m fused_softmax.train evaluate             # test accuracy, per class
 python -m fused_softmax.train predict              # a PNG grid of test images with labels
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import sys
@@ -26,8 +29,15 @@ from torch import nn
 
 from . import data
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
 
-LOSSES = {"fused": cross_entropy, "torch": F.cross_entropy}
+# Losses of the logits; "fused-linear" computes the logits itself (see batch_loss).
+LOSSES = {
+    "fused": cross_entropy,
+    "torch": F.cross_entropy,
+    "fused-inplace": functools.partial(cross_entropy, inplace_backward=True),
+    "fused-linear": None,
+}
 # The settings a resumed run must share with the checkpoint (epochs may grow).
 RESUME_KEYS = ("batch_size", "lr", "seed", "loss")
 
@@ -173,8 +183,10 @@ def train(args: argparse.Namespace) -> list[dict]:
             optimizer.load_state_dict(state["optimizer"])
             shuffle.set_state(state["shuffle_rng"])
             metrics, start_epoch = state["metrics"], state["epoch"]
-        wrapped = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
         loss_fn = LOSSES[args.loss]
+        if loss_fn is None and ddp.world > 1:
+            raise SystemExit("error: --loss fused-linear runs in one process (DDP needs the model's own forward)")
+        wrapped = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
         show_bar = ddp.main and not args.quiet and sys.stderr.isatty()
 
         n = train_x.shape[0]
@@ -191,17 +203,21 @@ def train(args: argparse.Namespace) -> list[dict]:
                 batch = order[i : i + args.batch_size]
                 mine = batch[ddp.rank :: ddp.world]  # this rank's disjoint share of the global batch
                 x, y = train_x[mine], train_y[mine]
-                logits = wrapped(x)
-                loss_sum = loss_fn(logits, y, reduction="sum")
+                if loss_fn is None:  # linear layer and loss in one op; logits only for the accuracy
+                    loss_sum = linear_cross_entropy(x, model.weight, y, linear_bias=model.bias, reduction="sum")
+                    with torch.no_grad():
+                        hits = (model(x).argmax(1) == y).sum()
+                else:
+                    logits = wrapped(x)
+                    hits = (logits.argmax(1) == y).sum()  # before an in-place loss overwrites the logits
+                    loss_sum = loss_fn(logits, y, reduction="sum")
                 # DDP averages gradients over ranks, so each rank scales by world / global batch:
                 # the update is the single-process mean over the whole global batch.
                 optimizer.zero_grad(set_to_none=True)
                 (loss_sum * (ddp.world / batch.numel())).backward()
                 optimizer.step()
                 with torch.no_grad():
-                    totals += torch.stack(
-                        [loss_sum.double(), (logits.argmax(1) == y).sum().double(), torch.tensor(y.numel())]
-                    )
+                    totals += torch.stack([loss_sum.double(), hits.double(), torch.tensor(y.numel())])
             ddp.sum(totals)
             test_correct = ddp.sum(accuracy_counts(model, test_x[ddp.rank :: ddp.world], test_y[ddp.rank :: ddp.world]))
             loss_total, correct, count = totals.tolist()

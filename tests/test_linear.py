@@ -53,6 +53,21 @@ def test_matches_reference(device, reduction, chunk_size, probabilities):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
+def fused_on_logits(x, w, target, b=None, **kwargs):
+    return fused_softmax.cross_entropy(F.linear(x, w, b), target, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("chunk_size", [5, 1000])
+def test_options_match_cross_entropy_on_the_logits(device, reduction, chunk_size):
+    x, w, b, t = problem(device)
+    kwargs = dict(reduction=reduction, z_loss=1e-2, softcap=3.0, logit_scale=1.5, label_smoothing=0.1)
+    ours = grads(fused_softmax.linear_cross_entropy, x, w, b, t, chunk_size=chunk_size, **kwargs)
+    theirs = grads(lambda x, w, t, linear_bias, **kw: fused_on_logits(x, w, t, linear_bias, **kw), x, w, b, t, **kwargs)
+    for a, e in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
 def test_no_bias_unbatched_and_ignore_index(device):
     x, w, _, t = problem(device)
     t = torch.where(t == -100, 3, t)

@@ -144,6 +144,15 @@ def test_fallback_without_compiled_kernels_warns_once_and_is_correct(tmp_path):
             g1, = torch.autograd.grad(ours.sum(), x)
             g2, = torch.autograd.grad(theirs.sum(), x)
             torch.testing.assert_close(g1, g2)
+        # The options and the in-place gradient: the fallback against itself without in-place.
+        opts = {"z_loss": 1e-2, "softcap": 3.0, "logit_scale": 1.5}
+        h1, h2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        a = fused_softmax.cross_entropy(h1 * 1.0, y, **opts)
+        b = fused_softmax.cross_entropy(h2 * 1.0, y, inplace_backward=True, **opts)
+        (2 * a).backward()
+        (2 * b).backward()
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(h1.grad, h2.grad)
         print("fallback ok")
         """
     )

@@ -136,6 +136,20 @@ def test_train_writes_outputs_and_fused_matches_torch(tmp_path, tiny):
     assert state["epoch"] == 3 and state["config"]["loss"] == "fused"
 
 
+@pytest.mark.parametrize("loss", ["fused-inplace", "fused-linear"])
+def test_inplace_and_linear_losses_train_like_the_default(tmp_path, tiny, loss):
+    common = ["--data-dir", str(tiny), "--epochs", "3", "--batch-size", "64"]
+    default = run(*common, "--output-dir", str(tmp_path / "d"))
+    other = run(*common, "--output-dir", str(tmp_path / "o"), "--loss", loss)
+    for a, b in zip(default, other, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+        assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"], (a, b)
+    w1 = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["model"]
+    w2 = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["model"]
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+
+
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, tiny):
     common = ("--data-dir", str(tiny), "--batch-size", "50")
     straight = run(*common, "--output-dir", str(tmp_path / "a"), "--epochs", "3")

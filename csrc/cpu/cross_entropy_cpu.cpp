@@ -72,6 +72,50 @@ inline Vectorized<double> vexp(const Vectorized<double>& v) {
   return v.map([](double a) { return std::exp(a); });
 }
 
+inline Vectorized<float> vlog(const Vectorized<float>& v) {
+  return v.log();
+}
+inline Vectorized<double> vlog(const Vectorized<double>& v) {
+  return v.log();
+}
+
+template <typename acc_t>
+inline acc_t first_lane(const Vectorized<acc_t>& v) {
+  __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  return lanes[0];
+}
+
+// The logits as the softmax sees them: x = scale * r, or cap * tanh(scale * r / cap)
+// with a softcap; -inf stays -inf so that padding never takes probability mass.
+template <typename acc_t>
+struct Transform {
+  using Vec = Vectorized<acc_t>;
+  acc_t scale;
+  acc_t cap;  // 0: no softcap
+  bool identity;
+
+  Vec operator()(const Vec& r) const {
+    if (identity) return r;
+    const Vec x = r * Vec(scale);
+    if (cap == 0) return x;
+    const Vec capped = Vec(cap) * (x / Vec(cap)).tanh();
+    return Vec::blendv(capped, x, x == Vec(-std::numeric_limits<acc_t>::infinity()));
+  }
+  acc_t operator()(acc_t r) const {  // through a vector, so that it has the same bits as a lane
+    return identity ? r : first_lane((*this)(Vec(r)));
+  }
+  // dx / dr at x = T(r); 0 at x = -inf (where the gradient before it is 0 too).
+  Vec slope(const Vec& x) const {
+    if (cap == 0) return Vec(scale);
+    const Vec t = x / Vec(cap);
+    return Vec::blendv(Vec(scale) * (Vec(1) - t * t), Vec(0), x == Vec(-std::numeric_limits<acc_t>::infinity()));
+  }
+  acc_t slope(acc_t x) const {
+    return identity ? acc_t(1) : first_lane(slope(Vec(x)));
+  }
+};
+
 // The part of a row's target mass q_c that is spread over classes:
 // q_c = w_c * (a * t_c + b), with t the probability row (nullptr for class
 // indices, whose single target class is added separately) and w the class
@@ -96,185 +140,249 @@ struct SpreadMass {
   }
 };
 
-template <typename acc_t, typename scalar_t>
-acc_t row_max(const scalar_t* x, int64_t C) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t K = Vec::size();
-  Vec m(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t j = 0; j < C; j += K) {
-    const int64_t n = std::min(K, C - j);
-    m = at::vec::maximum(m, Vec::set(m, load<acc_t>(x + j, n), n));  // lanes past the row keep m
-  }
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
-}
-
-template <typename acc_t>
-struct RowSums {
-  acc_t sum_exp;   // sum_c exp(x_c - m)
-  acc_t mass;      // sum_c q_c over the spread mass
-  acc_t mass_dot;  // sum_c q_c * (x_c - m) over the spread mass
-};
-
-// Pass 2 of the forward. With spread == nullptr only sum_exp is computed.
-template <typename acc_t, typename scalar_t>
-RowSums<acc_t> row_sums(const scalar_t* x, int64_t C, acc_t m, const SpreadMass<acc_t, scalar_t>* spread) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t K = Vec::size();
-  const Vec zero(0);
-  Vec sum_exp(0), mass(0), mass_dot(0);
-  for (int64_t j = 0; j < C; j += K) {
-    const int64_t n = std::min(K, C - j);
-    const Vec xm = Vec::set(zero, load<acc_t>(x + j, n) - Vec(m), n);  // lanes past the row: 0, never inf
-    sum_exp += Vec::set(zero, vexp<scalar_t>(xm), n);
-    if (spread) {
-      const Vec q = spread->at(j, n);
-      mass += q;
-      mass_dot = at::vec::fmadd(q, xm, mass_dot);
-    }
-  }
-  auto add = [](Vec& a, Vec& b) { return a + b; };
-  RowSums<acc_t> sums{at::vec::vec_reduce_all<acc_t>(add, sum_exp), 0, 0};
-  if (spread) {  // horizontal sums cost as much as a short row: only the ones needed
-    sums.mass = at::vec::vec_reduce_all<acc_t>(add, mass);
-    sums.mass_dot = at::vec::vec_reduce_all<acc_t>(add, mass_dot);
-  }
-  return sums;
-}
-
-template <typename acc_t, typename scalar_t>
-acc_t row_mass(int64_t C, const SpreadMass<acc_t, scalar_t>& spread) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t K = Vec::size();
-  Vec mass(0);
-  for (int64_t j = 0; j < C; j += K) mass += spread.at(j, std::min(K, C - j));
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, mass);
-}
-
 // A row's saved statistics; x - lse is formed as (x - max) - log_sum.
 template <typename acc_t>
 struct RowStats {
   acc_t max, log_sum;
   acc_t minus_lse(acc_t x) const { return (x - max) - log_sum; }
+  acc_t lse() const { return max + log_sum; }
 };
-
-// dx_c = g * (exp(x_c - lse) * S - q_c) over the spread mass q (the single
-// target class of an index row is corrected by the caller).
-template <typename acc_t, typename scalar_t>
-void row_grad(
-    scalar_t* dx, const scalar_t* x, int64_t C, RowStats<acc_t> stats, acc_t g, acc_t S,
-    const SpreadMass<acc_t, scalar_t>* spread) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t K = Vec::size();
-  const Vec max(stats.max), log_sum(stats.log_sum), vg(g), vS(S);
-  for (int64_t j = 0; j < C; j += K) {
-    const int64_t n = std::min(K, C - j);
-    Vec p_scaled = vexp<scalar_t>((load<acc_t>(x + j, n) - max) - log_sum) * vS;
-    if (spread) p_scaled = p_scaled - spread->at(j, n);
-    store(dx + j, vg * p_scaled, n);
-  }
-}
 
 // Small C: K = Vec::size() rows at a time, one row per vector lane. A row of
 // 10 classes fills under one vector, and its max and sum would cost two
 // horizontal reductions; across lanes they are plain vertical operations.
 constexpr int64_t kMaxSmallClasses = 32;
 
-// Copies rows [0, rows) of a K-row block into buf[c * K + r] (lane r = row r; lanes past rows are 0).
-template <typename acc_t, typename scalar_t>
-void transpose_in(const scalar_t* x, int64_t x_stride, int64_t rows, int64_t C, acc_t* buf) {
-  constexpr int64_t K = Vectorized<acc_t>::size();
-  if (rows < K) std::fill(buf, buf + C * K, acc_t(0));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) buf[c * K + r] = static_cast<acc_t>(x[r * x_stride + c]);
-}
-
-// Calls f(i0, rows, buf) for each block of up to K rows of [begin, end), the block transposed into buf.
-template <typename acc_t, typename scalar_t, typename F>
-void for_each_block(const scalar_t* x, int64_t x_stride, int64_t C, int64_t begin, int64_t end, F&& f) {
-  constexpr int64_t K = Vectorized<acc_t>::size();
-  __at_align__ acc_t buf[kMaxSmallClasses * K];
-  for (int64_t i0 = begin; i0 < end; i0 += K) {
-    const int64_t rows = std::min(K, end - i0);
-    transpose_in(x + i0 * x_stride, x_stride, rows, C, buf);
-    f(i0, rows, buf);
-  }
-}
-
-inline Vectorized<float> vlog(const Vectorized<float>& v) {
-  return v.log();
-}
-inline Vectorized<double> vlog(const Vectorized<double>& v) {
-  return v.log();
-}
-
-// The forward of a block of index-target rows held one per lane (see transpose_in): losses and stats
-// of rows [0, rows), computed lane-wise, the same math as the row path.
-template <typename acc_t, typename scalar_t>
-void forward_block(const acc_t* buf, int64_t rows, int64_t C, const int64_t* y, int64_t ignore_index, const acc_t* w,
-                   acc_t eps, acc_t* loss, RowStats<acc_t>* stats) {
+// Everything both passes read, for rows [0, N) of a (N, C) problem.
+template <typename scalar_t>
+struct Problem {
+  using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t K = Vec::size();
-  const acc_t b = eps / static_cast<acc_t>(C);
-  Vec m(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t c = 0; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(buf + c * K));
-  Vec sum_exp(0), mass(0), mass_dot(0);
-  for (int64_t c = 0; c < C; ++c) {
-    const Vec xm = Vec::loadu(buf + c * K) - m;
-    sum_exp += vexp<scalar_t>(xm);
-    if (eps > 0) {  // label smoothing spreads b * w_c on every class
-      const Vec q(w ? b * w[c] : b);
-      mass += q;
-      mass_dot = at::vec::fmadd(q, xm, mass_dot);
+  static constexpr int64_t K = Vec::size();
+
+  const scalar_t* x;
+  int64_t x_stride;
+  int64_t C;
+  const int64_t* y;    // class indices, or nullptr for probabilities
+  const scalar_t* t;   // class probabilities, or nullptr
+  int64_t t_stride;
+  const acc_t* w;      // class weights, or nullptr
+  int64_t ignore_index;
+  acc_t eps;           // label smoothing
+  Transform<acc_t> transform;
+  acc_t z_loss;
+  acc_t spread_index_mass;  // an index row's spread mass, eps / C * sum(w)
+
+  bool small() const { return y && C <= kMaxSmallClasses; }
+  bool has_spread() const { return t || eps > 0; }
+  bool ignored(int64_t i) const { return y && y[i] == ignore_index; }
+  acc_t target_coef(int64_t cls) const { return (1 - eps) * (w ? w[cls] : acc_t(1)); }
+  SpreadMass<acc_t, scalar_t> spread(int64_t i) const {
+    return {t ? t + i * t_stride : nullptr, w, 1 - eps, eps / static_cast<acc_t>(C)};
+  }
+
+  // --- the row path -------------------------------------------------------------------------
+
+  acc_t row_max(const scalar_t* xi) const {  // T is monotone: the max of x is T(the max of r)
+    Vec m(-std::numeric_limits<acc_t>::infinity());
+    for (int64_t j = 0; j < C; j += K) {
+      const int64_t n = std::min(K, C - j);
+      m = at::vec::maximum(m, Vec::set(m, load<acc_t>(xi + j, n), n));  // lanes past the row keep m
+    }
+    return transform(at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m));
+  }
+
+  // Pass 2 of the forward: stats and loss of row i, given its max m.
+  void forward_row(int64_t i, acc_t m, acc_t* loss, RowStats<acc_t>* stats) const {
+    const scalar_t* xi = x + i * x_stride;
+    const SpreadMass<acc_t, scalar_t> q = spread(i);
+    const Vec zero(0);
+    Vec sum_exp(0), mass(0), mass_dot(0);
+    for (int64_t j = 0; j < C; j += K) {
+      const int64_t n = std::min(K, C - j);
+      const Vec xm = Vec::set(zero, transform(load<acc_t>(xi + j, n)) - Vec(m), n);  // past the row: 0, not inf
+      sum_exp += Vec::set(zero, vexp<scalar_t>(xm), n);
+      if (has_spread()) {
+        const Vec qj = q.at(j, n);
+        mass += qj;
+        mass_dot = at::vec::fmadd(qj, xm, mass_dot);
+      }
+    }
+    auto add = [](Vec& a, Vec& b) { return a + b; };
+    // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
+    const acc_t log_sum = std::isfinite(m) ? std::log(at::vec::vec_reduce_all<acc_t>(add, sum_exp))
+                                           : std::numeric_limits<acc_t>::quiet_NaN();
+    stats[i] = {m, log_sum};
+    if (ignored(i)) {
+      loss[i] = 0;
+      return;
+    }
+    // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
+    acc_t l = 0;
+    if (has_spread()) {  // horizontal sums cost as much as a short row: only the ones needed
+      l = at::vec::vec_reduce_all<acc_t>(add, mass) * log_sum - at::vec::vec_reduce_all<acc_t>(add, mass_dot);
+    }
+    if (y) l += target_coef(y[i]) * (log_sum - (transform(static_cast<acc_t>(xi[y[i]])) - m));
+    if (z_loss > 0) l += z_loss * stats[i].lse() * stats[i].lse();
+    loss[i] = l;
+  }
+
+  // dx_c = g * (exp(x_c - lse) * S - q_c) * dx_c/dr_c for row i, with S its total target mass
+  // (plus 2 z lse). dx may be x itself: each element is read before it is written.
+  void backward_row(int64_t i, RowStats<acc_t> stats, acc_t g, scalar_t* dx) const {
+    const scalar_t* xi = x + i * x_stride;
+    const SpreadMass<acc_t, scalar_t> q = spread(i);
+    acc_t S = 0;
+    if (t) {
+      Vec mass(0);
+      for (int64_t j = 0; j < C; j += K) mass += q.at(j, std::min(K, C - j));
+      S = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, mass);
+    } else {
+      S = target_coef(y[i]) + spread_index_mass;
+    }
+    S += 2 * z_loss * stats.lse();
+    const acc_t x_y = y ? transform(static_cast<acc_t>(xi[y[i]])) : 0;  // read before dx may overwrite it
+    const Vec max(stats.max), log_sum(stats.log_sum), vg(g), vS(S);
+    for (int64_t j = 0; j < C; j += K) {
+      const int64_t n = std::min(K, C - j);
+      const Vec xj = transform(load<acc_t>(xi + j, n));
+      Vec d = vexp<scalar_t>((xj - max) - log_sum) * vS;
+      if (has_spread()) d = d - q.at(j, n);
+      d = vg * d;
+      if (!transform.identity) d = d * transform.slope(xj);
+      store(dx + j, d, n);
+    }
+    if (y) {  // the target class, recomputed in acc_t and rounded once: p_y * S - q_y nearly cancels
+      const acc_t p_y = std::exp(stats.minus_lse(x_y));
+      const acc_t q_y = target_coef(y[i]) + q.b * (w ? w[y[i]] : acc_t(1));
+      dx[y[i]] = static_cast<scalar_t>(g * (p_y * S - q_y) * transform.slope(x_y));
     }
   }
-  // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
-  const Vec finite = (m - m) == Vec(0);
-  const Vec log_sum = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), vlog(sum_exp), finite);
-  __at_align__ acc_t coef[K] = {}, x_y[K] = {}, counted[K] = {};
-  for (int64_t r = 0; r < rows; ++r) {
-    if (y[r] == ignore_index) continue;
-    coef[r] = (1 - eps) * (w ? w[y[r]] : acc_t(1));
-    x_y[r] = buf[y[r] * K + r];
-    counted[r] = 1;
-  }
-  // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
-  const Vec l = Vec::loadu(coef) * (log_sum - (Vec::loadu(x_y) - m)) + (mass * log_sum - mass_dot);
-  Vec::blendv(Vec(0), l, Vec::loadu(counted) == Vec(1)).store(loss, rows);  // an ignored row's loss is 0
-  __at_align__ acc_t lanes[2][K];
-  m.store(lanes[0]);
-  log_sum.store(lanes[1]);
-  for (int64_t r = 0; r < rows; ++r) stats[r] = {lanes[0][r], lanes[1][r]};
-}
 
-// The backward of a block of index-target rows held one per lane, in place in buf:
-// g * (p_c * S - q_c), the target class included, so it is rounded once. Ignored and NaN rows
-// are left for the caller to overwrite.
-template <typename acc_t, typename scalar_t>
-void backward_block(acc_t* buf, int64_t rows, int64_t C, const int64_t* y, int64_t ignore_index, const acc_t* w,
-                    acc_t eps, acc_t spread_mass, const RowStats<acc_t>* stats, const acc_t* g, int64_t g_stride) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t K = Vec::size();
-  const acc_t b = eps / static_cast<acc_t>(C);
-  __at_align__ acc_t max[K] = {}, log_sum[K] = {}, S[K] = {}, gl[K] = {}, coef[K] = {}, cls[K];
-  std::fill(cls, cls + K, acc_t(-1));
-  for (int64_t r = 0; r < rows; ++r) {
-    max[r] = stats[r].max;
-    log_sum[r] = stats[r].log_sum;
-    if (y[r] == ignore_index) continue;
-    coef[r] = (1 - eps) * (w ? w[y[r]] : acc_t(1));
-    S[r] = coef[r] + spread_mass;
-    gl[r] = g[r * g_stride];
-    cls[r] = static_cast<acc_t>(y[r]);  // exact: C <= kMaxSmallClasses
+  // --- the small-C path: K index rows per block, one per lane ---------------------------------
+
+  // Copies rows [i0, i0 + rows) into buf[c * K + r] as x (transformed), lane r = row i0 + r (others 0).
+  void load_block(int64_t i0, int64_t rows, acc_t* buf) const {
+    if (rows < K) std::fill(buf, buf + C * K, acc_t(0));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < C; ++c) buf[c * K + r] = static_cast<acc_t>(x[(i0 + r) * x_stride + c]);
+    if (!transform.identity)
+      for (int64_t c = 0; c < C; ++c) transform(Vec::loadu(buf + c * K)).store(buf + c * K);
   }
-  const Vec vmax = Vec::loadu(max), vlog_sum = Vec::loadu(log_sum), vS = Vec::loadu(S), vg = Vec::loadu(gl);
-  const Vec vcoef = Vec::loadu(coef), vcls = Vec::loadu(cls);
-  for (int64_t c = 0; c < C; ++c) {
-    Vec q = Vec::blendv(Vec(0), vcoef, vcls == Vec(static_cast<acc_t>(c)));
-    if (eps > 0) q += Vec(w ? b * w[c] : b);
-    const Vec p = vexp<scalar_t>((Vec::loadu(buf + c * K) - vmax) - vlog_sum);
-    (vg * (p * vS - q)).store(buf + c * K);
+
+  // Losses and stats of a block, the same math as forward_row, lane-wise.
+  void forward_block(const acc_t* buf, int64_t i0, int64_t rows, acc_t* loss, RowStats<acc_t>* stats) const {
+    const acc_t b = eps / static_cast<acc_t>(C);
+    Vec m(-std::numeric_limits<acc_t>::infinity());
+    for (int64_t c = 0; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(buf + c * K));
+    Vec sum_exp(0), mass(0), mass_dot(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec xm = Vec::loadu(buf + c * K) - m;
+      sum_exp += vexp<scalar_t>(xm);
+      if (eps > 0) {  // label smoothing spreads b * w_c on every class
+        const Vec q(w ? b * w[c] : b);
+        mass += q;
+        mass_dot = at::vec::fmadd(q, xm, mass_dot);
+      }
+    }
+    // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
+    const Vec finite = (m - m) == Vec(0);
+    const Vec log_sum = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), vlog(sum_exp), finite);
+    __at_align__ acc_t coef[K] = {}, x_y[K] = {}, counted[K] = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t cls = y[i0 + r];
+      if (cls == ignore_index) continue;
+      coef[r] = target_coef(cls);
+      x_y[r] = buf[cls * K + r];
+      counted[r] = 1;
+    }
+    // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
+    Vec l = Vec::loadu(coef) * (log_sum - (Vec::loadu(x_y) - m)) + (mass * log_sum - mass_dot);
+    if (z_loss > 0) l = l + Vec(z_loss) * (m + log_sum) * (m + log_sum);
+    Vec::blendv(Vec(0), l, Vec::loadu(counted) == Vec(1)).store(loss + i0, rows);  // an ignored row's loss is 0
+    __at_align__ acc_t lanes[2][K];
+    m.store(lanes[0]);
+    log_sum.store(lanes[1]);
+    for (int64_t r = 0; r < rows; ++r) stats[i0 + r] = {lanes[0][r], lanes[1][r]};
   }
-}
+
+  // The backward of a block, in place in buf: g * (p_c * S - q_c) * slope, the target class
+  // included, so it is rounded once. Ignored and NaN rows are left for the caller to overwrite.
+  void backward_block(acc_t* buf, int64_t i0, int64_t rows, const RowStats<acc_t>* stats, const acc_t* g,
+                      int64_t g_stride) const {
+    const acc_t b = eps / static_cast<acc_t>(C);
+    __at_align__ acc_t max[K] = {}, log_sum[K] = {}, S[K] = {}, gl[K] = {}, coef[K] = {}, cls[K];
+    std::fill(cls, cls + K, acc_t(-1));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      max[r] = stats[i].max;
+      log_sum[r] = stats[i].log_sum;
+      if (y[i] == ignore_index) continue;
+      coef[r] = target_coef(y[i]);
+      S[r] = coef[r] + spread_index_mass + 2 * z_loss * stats[i].lse();
+      gl[r] = g[i * g_stride];
+      cls[r] = static_cast<acc_t>(y[i]);  // exact: C <= kMaxSmallClasses
+    }
+    const Vec vmax = Vec::loadu(max), vlog_sum = Vec::loadu(log_sum), vS = Vec::loadu(S), vg = Vec::loadu(gl);
+    const Vec vcoef = Vec::loadu(coef), vcls = Vec::loadu(cls);
+    for (int64_t c = 0; c < C; ++c) {
+      Vec q = Vec::blendv(Vec(0), vcoef, vcls == Vec(static_cast<acc_t>(c)));
+      if (eps > 0) q += Vec(w ? b * w[c] : b);
+      const Vec xc = Vec::loadu(buf + c * K);
+      Vec d = vg * (vexp<scalar_t>((xc - vmax) - vlog_sum) * vS - q);
+      if (!transform.identity) d = d * transform.slope(xc);
+      d.store(buf + c * K);
+    }
+  }
+
+  // --- rows [begin, end), either path ---------------------------------------------------------
+
+  void forward_rows(int64_t begin, int64_t end, acc_t* loss, RowStats<acc_t>* stats) const {
+    if (small()) {
+      __at_align__ acc_t buf[kMaxSmallClasses * K];
+      for (int64_t i0 = begin; i0 < end; i0 += K) {
+        const int64_t rows = std::min(K, end - i0);
+        load_block(i0, rows, buf);
+        forward_block(buf, i0, rows, loss, stats);
+      }
+      return;
+    }
+    for (int64_t i = begin; i < end; ++i) forward_row(i, row_max(x + i * x_stride), loss, stats);
+  }
+
+  // Row i's grad_loss is g[i * g_stride]. dx (contiguous rows) may be x itself.
+  void backward_rows(int64_t begin, int64_t end, const RowStats<acc_t>* stats, const acc_t* g, int64_t g_stride,
+                     scalar_t* dx) const {
+    // Overwrites row i if it is ignored (no gradient, whatever grad_loss holds) or NaN (the
+    // forward found a NaN row); returns whether it did.
+    auto mend_row = [&](int64_t i) {
+      scalar_t* dxi = dx + i * C;
+      if (ignored(i)) {
+        std::fill(dxi, dxi + C, scalar_t(0));
+      } else if (std::isnan(stats[i].log_sum)) {
+        std::fill(dxi, dxi + C, std::numeric_limits<scalar_t>::quiet_NaN());
+      } else {
+        return false;
+      }
+      return true;
+    };
+    if (small()) {
+      __at_align__ acc_t buf[kMaxSmallClasses * K];
+      for (int64_t i0 = begin; i0 < end; i0 += K) {
+        const int64_t rows = std::min(K, end - i0);
+        load_block(i0, rows, buf);
+        backward_block(buf, i0, rows, stats, g, g_stride);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
+        for (int64_t r = 0; r < rows; ++r) mend_row(i0 + r);
+      }
+      return;
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      if (!mend_row(i)) backward_row(i, stats[i], g[i * g_stride], dx + i * C);
+    }
+  }
+};
 
 // Rows per task for at::parallel_for: about 32K elements each.
 int64_t grain_rows(int64_t C) {
@@ -311,6 +419,31 @@ PreparedArgs prepare_args_cpu(
   return p;
 }
 
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const PreparedArgs& p, int64_t ignore_index, double label_smoothing,
+                               const LogitOptions& o) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Problem<scalar_t> P{};
+  P.x = p.input.const_data_ptr<scalar_t>();
+  P.x_stride = p.input.stride(0);
+  P.C = p.input.size(1);
+  if (p.probabilities) {
+    P.t = p.target.const_data_ptr<scalar_t>();
+    P.t_stride = p.target.stride(0);
+  } else {
+    P.y = p.target.const_data_ptr<int64_t>();
+  }
+  P.w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+  P.ignore_index = ignore_index;
+  P.eps = static_cast<acc_t>(label_smoothing);
+  P.transform = {static_cast<acc_t>(o.logit_scale), static_cast<acc_t>(o.softcap),
+                 o.logit_scale == 1.0 && o.softcap == 0.0};
+  P.z_loss = static_cast<acc_t>(o.z_loss);
+  const acc_t w_sum = P.w ? std::accumulate(P.w, P.w + P.C, acc_t(0)) : static_cast<acc_t>(P.C);
+  P.spread_index_mass = P.eps / static_cast<acc_t>(P.C) * w_sum;
+  return P;
+}
+
 // The divisor of 'mean': the summed weights of the rows not ignored (class
 // indices; their count without weights), or the row count (probabilities).
 // A plain loop: for a small batch, ATen ops would cost more than the kernel.
@@ -326,10 +459,16 @@ double mean_divisor_cpu(const PreparedArgs& p, int64_t ignore_index) {
   return divisor;
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
+// The forward; with in_place it also overwrites input with d loss / d input for grad_loss = 1,
+// each chunk of rows right after its forward, while the chunk is still in cache.
+std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, const LogitOptions& options, bool in_place) {
   const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction);
+  TORCH_CHECK(
+      !in_place || p.input.is_same(input_) && input_.is_contiguous(),
+      "fused_softmax: input: the in-place gradient needs contiguous (rows, classes) logits, got strides ",
+      input_.strides());
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
@@ -339,63 +478,44 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = p.input.const_data_ptr<scalar_t>();
-    const int64_t x_stride = p.input.stride(0);
-    const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
-    const acc_t eps = static_cast<acc_t>(label_smoothing);
-    const acc_t spread_b = eps / static_cast<acc_t>(C);
+    const Problem<scalar_t> P = make_problem<scalar_t>(p, ignore_index, label_smoothing, options);
     acc_t* loss_out = loss.data_ptr<acc_t>();
-    RowStats<acc_t>* stats_out = reinterpret_cast<RowStats<acc_t>*>(stats.data_ptr<acc_t>());
-
-    const bool has_spread = p.probabilities || eps > 0;
-    const bool small = !p.probabilities && C <= kMaxSmallClasses;
-
+    auto* stats_out = reinterpret_cast<RowStats<acc_t>*>(stats.data_ptr<acc_t>());
+    const double divisor = reduction == kMean ? mean_divisor_cpu<acc_t>(p, ignore_index) : 1.0;
+    const acc_t unit_grad = static_cast<acc_t>(1.0 / divisor);  // the in-place gradient's grad_loss
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      if (small) {  // K rows at once, one per lane
-        for_each_block<acc_t>(x, x_stride, C, begin, end, [&](int64_t i0, int64_t rows, const acc_t* buf) {
-          forward_block<acc_t, scalar_t>(
-              buf, rows, C, p.target.const_data_ptr<int64_t>() + i0, ignore_index, w, eps, loss_out + i0,
-              stats_out + i0);
-        });
-        return;
-      }
-      for (int64_t i = begin; i < end; ++i) {  // row by row
-        const scalar_t* xi = x + i * x_stride;
-        SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
-        if (p.probabilities) spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
-        const acc_t m = row_max<acc_t>(xi, C);
-        const RowSums<acc_t> sums = row_sums<acc_t>(xi, C, m, has_spread ? &spread : nullptr);
-        // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
-        const acc_t log_sum = std::isfinite(m) ? std::log(sums.sum_exp) : std::numeric_limits<acc_t>::quiet_NaN();
-        stats_out[i] = {m, log_sum};
-        // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
-        acc_t target_term = 0;  // (1 - eps) * w[y] * (lse - x[y]) for class indices
-        if (!p.probabilities) {
-          const int64_t y = p.target.const_data_ptr<int64_t>()[i];
-          if (y == ignore_index) {
-            loss_out[i] = 0;
-            continue;
-          }
-          const acc_t target_coef = (1 - eps) * (w ? w[y] : acc_t(1));
-          target_term = target_coef * (log_sum - (static_cast<acc_t>(xi[y]) - m));
-        }
-        loss_out[i] = target_term + (sums.mass * log_sum - sums.mass_dot);
-      }
+      P.forward_rows(begin, end, loss_out, stats_out);
+      if (in_place) P.backward_rows(begin, end, stats_out, &unit_grad, 0, p.input.data_ptr<scalar_t>());
     });
     if (reduction != kNone) {  // summed in double, in row order: the same bits for any thread count
       double total = 0;
       for (int64_t i = 0; i < N; ++i) total += loss_out[i];
-      if (reduction == kMean) total /= mean_divisor_cpu<acc_t>(p, ignore_index);  // 0 / 0 = nan, as torch
-      reduced = at::scalar_tensor(total, p.input.options().dtype(acc));
+      reduced = at::scalar_tensor(total / divisor, p.input.options().dtype(acc));  // 0 / 0 = nan, as torch
     }
   });
   return {reduction == kNone ? loss : reduced, stats};
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
+    double z_loss) {
+  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  return forward_cpu(input, target, weight, ignore_index, label_smoothing, reduction, options, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cpu(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  return forward_cpu(input, target, weight, ignore_index, label_smoothing, reduction, options, true);
+}
+
 at::Tensor cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss_, const at::Tensor& input_, const at::Tensor& target_,
     const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, int64_t ignore_index,
-    double label_smoothing, int64_t reduction) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
   const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction);
   check_backward_args(grad_loss_, p.input, stats_, reduction);
   const int64_t N = p.input.size(0);
@@ -408,9 +528,7 @@ at::Tensor cross_entropy_bwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = p.input.const_data_ptr<scalar_t>();
-    const int64_t x_stride = p.input.stride(0);
-    scalar_t* dx = grad.data_ptr<scalar_t>();
+    const Problem<scalar_t> P = make_problem<scalar_t>(p, ignore_index, label_smoothing, options);
     // Row i's grad_loss is g[i * g_stride]; a reduced loss spreads one value over every row.
     const acc_t* g = grad_loss.const_data_ptr<acc_t>();
     int64_t g_stride = reduction == kNone ? grad_loss.stride(0) : 0;
@@ -421,61 +539,9 @@ at::Tensor cross_entropy_bwd_cpu(
       g = &g_value;
     }
     const auto* stats_in = reinterpret_cast<const RowStats<acc_t>*>(stats.const_data_ptr<acc_t>());
-    const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
-    const acc_t eps = static_cast<acc_t>(label_smoothing);
-    const acc_t spread_b = eps / static_cast<acc_t>(C);
-    const acc_t spread_index_mass = spread_b * (w ? std::accumulate(w, w + C, acc_t(0)) : static_cast<acc_t>(C));
-
-    const bool small = !p.probabilities && C <= kMaxSmallClasses;
-    const int64_t* y_in = p.probabilities ? nullptr : p.target.const_data_ptr<int64_t>();
-    auto target_coef = [&](int64_t y) { return (1 - eps) * (w ? w[y] : acc_t(1)); };
-
-    // Overwrites row i if it is ignored (no gradient, whatever grad_loss holds) or NaN (the
-    // forward found a NaN row); returns whether it did.
-    auto mend_row = [&](int64_t i) {
-      scalar_t* dxi = dx + i * C;
-      if (y_in && y_in[i] == ignore_index) {
-        std::fill(dxi, dxi + C, scalar_t(0));
-      } else if (std::isnan(stats_in[i].log_sum)) {
-        std::fill(dxi, dxi + C, std::numeric_limits<scalar_t>::quiet_NaN());
-      } else {
-        return false;
-      }
-      return true;
-    };
+    scalar_t* dx = grad.data_ptr<scalar_t>();
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      if (small) {  // K rows at once, one per lane
-        constexpr int64_t K = Vectorized<acc_t>::size();
-        for_each_block<acc_t>(x, x_stride, C, begin, end, [&](int64_t i0, int64_t rows, acc_t* buf) {
-          backward_block<acc_t, scalar_t>(
-              buf, rows, C, y_in + i0, ignore_index, w, eps, spread_index_mass, stats_in + i0, g + i0 * g_stride,
-              g_stride);
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
-          for (int64_t r = 0; r < rows; ++r) mend_row(i0 + r);
-        });
-        return;
-      }
-      for (int64_t i = begin; i < end; ++i) {  // row by row
-        if (mend_row(i)) continue;
-        SpreadMass<acc_t, scalar_t> spread{nullptr, w, 1 - eps, spread_b};
-        acc_t S;  // the row's total target mass
-        if (p.probabilities) {
-          spread.t = p.target.const_data_ptr<scalar_t>() + i * p.target.stride(0);
-          S = row_mass<acc_t>(C, spread);
-        } else {
-          S = target_coef(y_in[i]) + spread_index_mass;
-        }
-        const bool has_spread = p.probabilities || eps > 0;
-        row_grad<acc_t>(dx + i * C, x + i * x_stride, C, stats_in[i], g[i * g_stride], S,
-                        has_spread ? &spread : nullptr);
-        if (y_in) {  // the target class, recomputed in acc_t and rounded once: p_y * S - q_y nearly cancels
-          const int64_t y = y_in[i];
-          const acc_t p_y = std::exp(stats_in[i].minus_lse(static_cast<acc_t>(x[i * x_stride + y])));
-          const acc_t q_y = target_coef(y) + spread_b * (w ? w[y] : acc_t(1));
-          dx[i * C + y] = static_cast<scalar_t>(g[i * g_stride] * (p_y * S - q_y));
-        }
-      }
+      P.backward_rows(begin, end, stats_in, g, g_stride, dx);
     });
   });
   return grad;
@@ -486,6 +552,7 @@ at::Tensor cross_entropy_bwd_cpu(
 TORCH_LIBRARY_IMPL(fused_softmax, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+  m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_cpu);
 }
 
 }  // namespace fused_softmax

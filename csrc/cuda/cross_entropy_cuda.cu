@@ -167,10 +167,32 @@ struct KernelArgs {
   const acc_t* w_sum;    // backward: sum of w, or nullptr
   int64_t ignore_index;
   acc_t eps;             // label smoothing
+  bool transformed;      // logit_scale != 1 or a softcap: x = T(r) (see transform below)
+  acc_t scale;           // logit_scale
+  acc_t cap;             // softcap, 0 for none
+  acc_t z_loss;
   const acc_t* stats;    // backward: the forward's (max, log_sum) per row
   const acc_t* g;        // backward: grad_loss
   int64_t g_stride;      // 0 when autograd expanded one value
 };
+
+// The logits as the softmax sees them: x = scale * r, or cap * tanh(scale * r / cap) with a
+// softcap; -inf stays -inf so that padding never takes probability mass.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t transform(const KernelArgs<scalar_t, acc_t>& a, acc_t r) {
+  if (!a.transformed) return r;
+  const acc_t x = r * a.scale;
+  return a.cap > 0 && x != -INFINITY ? a.cap * tanh(x / a.cap) : x;
+}
+
+// dx / dr at x = transform(r); 0 at x = -inf, where the gradient before it is 0 too.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t slope(const KernelArgs<scalar_t, acc_t>& a, acc_t x) {
+  if (!a.transformed) return acc_t(1);
+  if (a.cap == 0) return a.scale;
+  const acc_t t = x / a.cap;
+  return x == -INFINITY ? acc_t(0) : a.scale * (acc_t(1) - t * t);
+}
 
 // Per-row target description shared by both kernels.
 template <typename scalar_t, typename acc_t>
@@ -226,7 +248,7 @@ __global__ void __launch_bounds__(kBlock, 1) cross_entropy_fwd_kernel(
     for_each_pack<kThreads, kVec>(row, a.C, lane, [&](int64_t col, const auto& pack) {
 #pragma unroll
       for (int k = 0; k < pack.size; ++k) {
-        const acc_t v = static_cast<acc_t>(pack.v[k]);
+        const acc_t v = transform(a, static_cast<acc_t>(pack.v[k]));
         s.add(v);
         if (target.has_spread) s.add_mass(target.spread.at(col + k), v);
       }
@@ -240,8 +262,10 @@ __global__ void __launch_bounds__(kBlock, 1) cross_entropy_fwd_kernel(
         loss[i] = 0;
       } else {
         // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - max) so no large terms cancel.
-        const acc_t y_term = target.y >= 0 ? log_sum - (static_cast<acc_t>(row[target.y]) - s.max) : acc_t(0);
-        loss[i] = target.target_coef * y_term + (s.mass * log_sum - s.mass_dot);
+        const acc_t x_y = transform(a, static_cast<acc_t>(row[target.y >= 0 ? target.y : 0]));
+        const acc_t y_term = target.y >= 0 ? log_sum - (x_y - s.max) : acc_t(0);
+        const acc_t lse = s.max + log_sum;
+        loss[i] = target.target_coef * y_term + (s.mass * log_sum - s.mass_dot) + a.z_loss * lse * lse;
       }
     }
   }
@@ -279,6 +303,7 @@ __global__ void __launch_bounds__(kBlock, 1) cross_entropy_bwd_kernel(
     const acc_t g = target.ignored ? acc_t(0) : a.g[i * a.g_stride];
     const acc_t row_max = a.stats[2 * i];  // x - lse is formed as (x - max) - log_sum
     const acc_t log_sum = a.stats[2 * i + 1];
+    S += 2 * a.z_loss * (row_max + log_sum);  // the z-loss gradient 2 z lse p_c
     auto write = [&](int64_t col, const auto& pack) {
       Pack<scalar_t, std::decay_t<decltype(pack)>::size> o;
 #pragma unroll
@@ -287,8 +312,9 @@ __global__ void __launch_bounds__(kBlock, 1) cross_entropy_bwd_kernel(
         acc_t q = c == target.y ? target.target_coef : acc_t(0);
         if (target.has_spread) q += target.spread.at(c);
         // The target class is formed here in acc_t and rounded once: p_y * S - q_y nearly cancels.
+        const acc_t x = transform(a, static_cast<acc_t>(pack.v[k]));
         o.v[k] = target.ignored ? scalar_t(0)
-                                : static_cast<scalar_t>(g * (exp_of((static_cast<acc_t>(pack.v[k]) - row_max) - log_sum) * S - q));
+                                : static_cast<scalar_t>(g * (exp_of((x - row_max) - log_sum) * S - q) * slope(a, x));
       }
       *reinterpret_cast<decltype(o)*>(out + col) = o;
     };
@@ -310,7 +336,8 @@ __global__ void check_weight_kernel(const acc_t* w, int64_t C) {
 }
 
 template <typename scalar_t>
-KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(const PreparedArgs& p, int64_t ignore_index, double eps) {
+KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
+    const PreparedArgs& p, int64_t ignore_index, double eps, const LogitOptions& o) {
   using acc_t = at::opmath_type<scalar_t>;
   KernelArgs<scalar_t, acc_t> a{};
   a.x = p.input.const_data_ptr<scalar_t>();
@@ -330,6 +357,10 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(const PreparedArgs& 
   }
   a.ignore_index = ignore_index;
   a.eps = static_cast<acc_t>(eps);
+  a.transformed = o.logit_scale != 1.0 || o.softcap != 0.0;
+  a.scale = static_cast<acc_t>(o.logit_scale);
+  a.cap = static_cast<acc_t>(o.softcap);
+  a.z_loss = static_cast<acc_t>(o.z_loss);
   return a;
 }
 
@@ -376,41 +407,12 @@ at::Tensor mean_divisor_cuda(const PreparedArgs& p, int64_t ignore_index, at::Sc
   return (p.weight.index_select(0, p.target.masked_fill(~counted, 0)) * counted).sum();
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
-  const c10::cuda::CUDAGuard device_guard(input.device());
+// Launches the backward kernel: dx = d(grad_loss . loss) / d input (dx may be input itself).
+void launch_bwd(
+    const PreparedArgs& p, const at::Tensor& grad_loss, const at::Tensor& stats, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, const LogitOptions& options, const at::Tensor& dx) {
   const int64_t N = p.input.size(0);
-  const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
-  at::Tensor loss = at::empty({N}, p.input.options().dtype(acc));
-  at::Tensor stats = at::empty({N, 2}, p.input.options().dtype(acc));
-  if (N > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      launch_for_classes<scalar_t, LaunchFwd>(
-          N, C, kernel_args<scalar_t>(p, ignore_index, label_smoothing), loss.data_ptr<acc_t>(),
-          stats.data_ptr<acc_t>());
-    });
-  }
-  if (reduction == kNone) return {loss, stats};
-  at::Tensor total = loss.sum();  // a deterministic tree reduction, no atomics
-  return {reduction == kMean ? total / mean_divisor_cuda(p, ignore_index, acc) : total, stats};  // 0/0 = nan
-}
-
-at::Tensor cross_entropy_bwd_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
-    int64_t reduction) {
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
-  check_backward_args(grad_loss, p.input, stats, reduction);
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const int64_t N = p.input.size(0);
-  const int64_t C = p.input.size(1);
-  const auto acc = accumulate_type(p.input.scalar_type());
-  at::Tensor grad = at::empty({N, C}, p.input.options());
-  if (N == 0) return grad;
   // Row i's grad_loss is g[i * g_stride]; a reduced loss spreads one value over every row (stride 0).
   at::Tensor g = grad_loss.to(acc);
   if (reduction == kMean) g = g / mean_divisor_cuda(p, ignore_index, acc);
@@ -420,13 +422,76 @@ at::Tensor cross_entropy_bwd_cuda(
   const at::Tensor weight_sum = p.weight.defined() ? p.weight.sum() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto a = kernel_args<scalar_t>(p, ignore_index, label_smoothing);
+    auto a = kernel_args<scalar_t>(p, ignore_index, label_smoothing, options);
     a.stats = stats_c.const_data_ptr<acc_t>();
     if (weight_sum.defined()) a.w_sum = weight_sum.const_data_ptr<acc_t>();
     a.g = g.const_data_ptr<acc_t>();
     a.g_stride = g.stride(0);
-    launch_for_classes<scalar_t, LaunchBwd>(N, C, a, grad.data_ptr<scalar_t>());
+    launch_for_classes<scalar_t, LaunchBwd>(N, p.input.size(1), a, dx.data_ptr<scalar_t>());
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(
+    const PreparedArgs& p, int64_t ignore_index, double label_smoothing, int64_t reduction,
+    const LogitOptions& options) {
+  const int64_t N = p.input.size(0);
+  const auto acc = accumulate_type(p.input.scalar_type());
+  at::Tensor loss = at::empty({N}, p.input.options().dtype(acc));
+  at::Tensor stats = at::empty({N, 2}, p.input.options().dtype(acc));
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      launch_for_classes<scalar_t, LaunchFwd>(
+          N, p.input.size(1), kernel_args<scalar_t>(p, ignore_index, label_smoothing, options),
+          loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    });
+  }
+  if (reduction == kNone) return {loss, stats};
+  at::Tensor total = loss.sum();  // a deterministic tree reduction, no atomics
+  return {reduction == kMean ? total / mean_divisor_cuda(p, ignore_index, acc) : total, stats};  // 0/0 = nan
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
+    double z_loss) {
+  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  return forward_cuda(p, ignore_index, label_smoothing, reduction, options);
+}
+
+// The forward, then the backward for grad_loss = 1 written over input. Each kernel reads the
+// rows once; the backward's writes land where it has just read.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
+  TORCH_CHECK(
+      p.input.is_same(input) && input.is_contiguous(),
+      "fused_softmax: input: the in-place gradient needs contiguous (rows, classes) logits, got strides ",
+      input.strides());
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  auto result = forward_cuda(p, ignore_index, label_smoothing, reduction, options);
+  if (input.size(0) > 0) {
+    const at::Tensor unit = reduction == kNone ? at::ones({input.size(0)}, input.options().dtype(at::kFloat))
+                                               : at::ones({}, input.options().dtype(at::kFloat));
+    launch_bwd(p, unit, std::get<1>(result), ignore_index, label_smoothing, reduction, options, input);
+  }
+  return result;
+}
+
+at::Tensor cross_entropy_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
+    int64_t reduction, double logit_scale, double softcap, double z_loss) {
+  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
+  check_backward_args(grad_loss, p.input, stats, reduction);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
+  if (p.input.size(0) > 0) launch_bwd(p, grad_loss, stats, ignore_index, label_smoothing, reduction, options, grad);
   return grad;
 }
 
@@ -435,6 +500,7 @@ at::Tensor cross_entropy_bwd_cuda(
 TORCH_LIBRARY_IMPL(fused_softmax, CUDA, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
+  m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_cuda);
 }
 
 }  // namespace fused_softmax
