@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--providers", default="fused,matmul+torch,matmul+fused,torch.linear_ce")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -35,6 +37,9 @@ def main() -> None:
         "matmul+torch": lambda x, w, t: F.cross_entropy(x @ w.t(), t),
         "matmul+fused": lambda x, w, t: fused_softmax.cross_entropy(x @ w.t(), t),
     }
+    if hasattr(F, "linear_cross_entropy"):  # torch >= 2.13
+        providers["torch.linear_ce"] = lambda x, w, t: F.linear_cross_entropy(x, w, t)
+    providers = {k: v for k, v in providers.items() if k in args.providers.split(",")}
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
         x0 = torch.randn(args.n, args.hidden, device=args.device).to(dtype)
@@ -51,7 +56,7 @@ def main() -> None:
             def timed(state, fn=fn, t=t):
                 fn(state[0], state[1], t).backward()
 
-            times = timer(setup, timed, args.reps, 1)
+            times = timer(setup, timed, args.reps, args.warmup)
             state = setup()
             memory.start()
             timed(state)

@@ -49,7 +49,7 @@ tail -25 "$out/gpu_tests.log"
 result[tests]=$(tail -1 "$out/gpu_tests.log")
 
 status "benchmark"
-timeout "$(budget 120)" python3 benchmarks/bench_cross_entropy.py --device cuda --dtypes bf16 --modes full,forward \
+timeout "$(budget 120)" python3 benchmarks/bench_cross_entropy.py --device cuda --dtypes bf16 --modes full,forward,inplace \
   --providers fused,torch,compile,liger,quack --shapes 4096x32000,1024x128256,65536x128 --reps 20 \
   --csv "$out/cross_entropy_gpu.csv" --json "$out/gpu_bench_bf16.json"
 timeout "$(budget 45)" python3 benchmarks/bench_cross_entropy.py --device cuda --dtypes fp32 --modes full,forward \

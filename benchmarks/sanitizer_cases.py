@@ -25,6 +25,10 @@ def main() -> None:
         fused_softmax.cross_entropy(base.requires_grad_(True), y, reduction="sum").backward()
         probs = torch.softmax(torch.randn(n, c, device="cuda"), 1).to(dtype)
         fused_softmax.cross_entropy(x, probs, label_smoothing=0.05).backward()
+        options = {"z_loss": 1e-3, "softcap": 5.0, "logit_scale": 0.7}
+        fused_softmax.cross_entropy(x, y, **options, **kwargs).backward()
+        logits = x.detach().clone().requires_grad_(True) * 1.0  # non-leaf: the in-place gradient
+        fused_softmax.cross_entropy(logits, y, inplace_backward=True, **options, **kwargs).backward()
     torch.cuda.synchronize()
     print("sanitizer cases ran")
 

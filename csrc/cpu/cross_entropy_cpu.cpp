@@ -22,6 +22,10 @@
 #include <limits>
 #include <numeric>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace fused_softmax {
 namespace {
 
@@ -192,17 +196,32 @@ struct Problem {
     return transform(at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m));
   }
 
+  // The logits of row i at columns [j, j + n) as the softmax sees them. kTransformed is a template
+  // argument so that the plain loops carry no trace of tanh: its library call would make the
+  // compiler save every vector register around it, which halved the forward's speed.
+  template <bool kTransformed>
+  Vec logits(const scalar_t* xi, int64_t j, int64_t n) const {
+    const Vec r = load<acc_t>(xi + j, n);
+    if constexpr (kTransformed) {
+      return transform(r);
+    } else {
+      return r;
+    }
+  }
+
   // Pass 2 of the forward: stats and loss of row i, given its max m.
+  template <bool kTransformed>
   void forward_row(int64_t i, acc_t m, acc_t* loss, RowStats<acc_t>* stats) const {
     const scalar_t* xi = x + i * x_stride;
     const SpreadMass<acc_t, scalar_t> q = spread(i);
+    const bool spread_on = has_spread();
     const Vec zero(0);
     Vec sum_exp(0), mass(0), mass_dot(0);
     for (int64_t j = 0; j < C; j += K) {
       const int64_t n = std::min(K, C - j);
-      const Vec xm = Vec::set(zero, transform(load<acc_t>(xi + j, n)) - Vec(m), n);  // past the row: 0, not inf
+      const Vec xm = Vec::set(zero, logits<kTransformed>(xi, j, n) - Vec(m), n);  // past the row: 0, not inf
       sum_exp += Vec::set(zero, vexp<scalar_t>(xm), n);
-      if (has_spread()) {
+      if (spread_on) {
         const Vec qj = q.at(j, n);
         mass += qj;
         mass_dot = at::vec::fmadd(qj, xm, mass_dot);
@@ -219,7 +238,7 @@ struct Problem {
     }
     // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
     acc_t l = 0;
-    if (has_spread()) {  // horizontal sums cost as much as a short row: only the ones needed
+    if (spread_on) {  // horizontal sums cost as much as a short row: only the ones needed
       l = at::vec::vec_reduce_all<acc_t>(add, mass) * log_sum - at::vec::vec_reduce_all<acc_t>(add, mass_dot);
     }
     if (y) l += target_coef(y[i]) * (log_sum - (transform(static_cast<acc_t>(xi[y[i]])) - m));
@@ -229,6 +248,7 @@ struct Problem {
 
   // dx_c = g * (exp(x_c - lse) * S - q_c) * dx_c/dr_c for row i, with S its total target mass
   // (plus 2 z lse). dx may be x itself: each element is read before it is written.
+  template <bool kTransformed>
   void backward_row(int64_t i, RowStats<acc_t> stats, acc_t g, scalar_t* dx) const {
     const scalar_t* xi = x + i * x_stride;
     const SpreadMass<acc_t, scalar_t> q = spread(i);
@@ -242,14 +262,15 @@ struct Problem {
     }
     S += 2 * z_loss * stats.lse();
     const acc_t x_y = y ? transform(static_cast<acc_t>(xi[y[i]])) : 0;  // read before dx may overwrite it
+    const bool spread_on = has_spread();
     const Vec max(stats.max), log_sum(stats.log_sum), vg(g), vS(S);
     for (int64_t j = 0; j < C; j += K) {
       const int64_t n = std::min(K, C - j);
-      const Vec xj = transform(load<acc_t>(xi + j, n));
+      const Vec xj = logits<kTransformed>(xi, j, n);
       Vec d = vexp<scalar_t>((xj - max) - log_sum) * vS;
-      if (has_spread()) d = d - q.at(j, n);
+      if (spread_on) d = d - q.at(j, n);
       d = vg * d;
-      if (!transform.identity) d = d * transform.slope(xj);
+      if constexpr (kTransformed) d = d * transform.slope(xj);
       store(dx + j, d, n);
     }
     if (y) {  // the target class, recomputed in acc_t and rounded once: p_y * S - q_y nearly cancels
@@ -347,7 +368,10 @@ struct Problem {
       }
       return;
     }
-    for (int64_t i = begin; i < end; ++i) forward_row(i, row_max(x + i * x_stride), loss, stats);
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t m = row_max(x + i * x_stride);
+      transform.identity ? forward_row<false>(i, m, loss, stats) : forward_row<true>(i, m, loss, stats);
+    }
   }
 
   // Row i's grad_loss is g[i * g_stride]. dx (contiguous rows) may be x itself.
@@ -379,10 +403,37 @@ struct Problem {
       return;
     }
     for (int64_t i = begin; i < end; ++i) {
-      if (!mend_row(i)) backward_row(i, stats[i], g[i * g_stride], dx + i * C);
+      if (mend_row(i)) continue;
+      if (transform.identity) {
+        backward_row<false>(i, stats[i], g[i * g_stride], dx + i * C);
+      } else {
+        backward_row<true>(i, stats[i], g[i * g_stride], dx + i * C);
+      }
     }
   }
 };
+
+// An empty tensor for a large gradient, backed by transparent huge pages where Linux offers them
+// (THP "madvise" mode, the common default). A fresh N x C gradient is written once, page by page:
+// with 4 KiB pages its first-touch faults cost more than the backward's arithmetic (130 ms of a
+// 500 MB tensor's ~200 ms here); 2 MiB pages take 512x fewer faults. Small tensors, and systems
+// without THP, get at::empty.
+at::Tensor empty_for_gradient(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (bytes >= 16 * kHuge) {
+    const size_t mapped = bytes + kHuge;  // room to start on a 2 MiB boundary, where huge pages can go
+    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      auto* data = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(kHuge - 1));
+      madvise(data, bytes, MADV_HUGEPAGE);  // a hint: without THP the pages are ordinary ones
+      return at::from_blob(data, sizes, [base, mapped](void*) { munmap(base, mapped); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
 
 // Rows per task for at::parallel_for: about 32K elements each.
 int64_t grain_rows(int64_t C) {
@@ -521,7 +572,7 @@ at::Tensor cross_entropy_bwd_cpu(
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);
   const auto acc = accumulate_type(p.input.scalar_type());
-  at::Tensor grad = at::empty({N, C}, p.input.options());
+  at::Tensor grad = empty_for_gradient({N, C}, p.input.options());
   if (N == 0) return grad;
   const at::Tensor grad_loss = grad_loss_.to(acc);
   const at::Tensor stats = stats_.contiguous();
