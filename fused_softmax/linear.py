@@ -113,16 +113,24 @@ class _Gradients:
         self.input = torch.empty_like(input) if needs[0] else None
         self.weight = torch.zeros_like(linear_weight, dtype=acc) if needs[1] else None
         self.bias = torch.zeros(linear_weight.shape[0], dtype=acc, device=input.device) if needs[2] else None
+        self.product: Tensor | None = None
 
     def add(self, part: slice, grad_logits: Tensor, input: Tensor, linear_weight: Tensor) -> None:
         if self.input is not None:
-            self.input[part] = grad_logits @ linear_weight
+            torch.mm(grad_logits, linear_weight, out=self.input[part])  # rows of input: contiguous
         if self.weight is not None:
-            self.weight += grad_logits.t() @ input[part]
+            if self.weight.dtype == grad_logits.dtype:  # accumulated by the GEMM itself: no (C, H) temporary
+                self.weight.addmm_(grad_logits.t(), input[part])
+            else:  # 16-bit: each chunk's product rounds once to 16 bits, then is summed in float32
+                if self.product is None:  # one buffer for every chunk: a fresh (C, H) each time costs page faults
+                    self.product = torch.empty_like(linear_weight)
+                torch.mm(grad_logits.t(), input[part], out=self.product)
+                self.weight += self.product
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
 
     def result(self, linear_weight: Tensor, linear_bias: Tensor | None) -> tuple:
+        self.product = None  # freed before the weight gradient is converted
         return (
             self.input,
             None if self.weight is None else self.weight.to(linear_weight.dtype),
@@ -133,64 +141,60 @@ class _Gradients:
 class _LinearCrossEntropy(torch.autograd.Function):
     """For 'mean' and 'sum' the gradient is known up to grad_output (one number) during the forward:
     the in-place op turns each chunk's logits into their gradient (for a summed loss) as it computes
-    the loss, and the backward only scales the accumulated gradients; three matmuls in all, as the
-    unfused path. For 'none' each row's grad_output differs, so the backward recomputes each chunk's
-    logits."""
+    the loss, and the first backward only scales the accumulated gradients, in place; three matmuls in
+    all, as the unfused path. For 'none' each row's grad_output differs, so the backward recomputes
+    each chunk's logits; so does a second backward through the same graph (retain_graph)."""
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, eps, reduction, chunk, options):
         n = input.shape[0]
         acc = accumulate_dtype(input.dtype)
         needs = tuple(ctx.needs_input_grad[:3])
-        ctx.precomputed = reduction != 0 and any(needs)
+        precompute = reduction != 0 and any(needs)
         if reduction == 1:
             divisor = mean_divisor(target, weight, ignore_index, acc)
         else:
             divisor = torch.ones((), dtype=acc, device=input.device)
-        if ctx.precomputed:
+        if precompute:
             grads = _Gradients(needs, input, linear_weight, acc)
-            total = torch.zeros((), dtype=acc, device=input.device)
-        else:
-            losses = input.new_empty((n,), dtype=acc)
-            stats = input.new_empty((n, 2), dtype=acc)
+        losses = input.new_empty((n,), dtype=acc)
+        stats = input.new_empty((n, 2), dtype=acc)
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
             logits = torch.nn.functional.linear(input[part], linear_weight, linear_bias)
-            if ctx.precomputed:  # logits become d(sum of the chunk's losses) / d logits
-                loss_sum, _ = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
-                    logits, target[part], weight, ignore_index, eps, 2, *options
+            if precompute:  # logits become d(sum of the chunk's losses) / d logits
+                losses[part], stats[part] = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
+                    logits, target[part], weight, ignore_index, eps, 0, *options
                 )
-                total += loss_sum
                 grads.add(part, logits, input, linear_weight)
             else:
                 losses[part], stats[part] = torch.ops.fused_softmax.cross_entropy_fwd(
                     logits, target[part], weight, ignore_index, eps, 0, *options
                 )
-        if ctx.precomputed:
-            ctx.save_for_backward(*(g for g in grads.result(linear_weight, linear_bias) if g is not None), divisor)
-            ctx.needs = needs
-            return total / divisor
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats)
-        ctx.options = (ignore_index, eps, chunk, options)
+        # The formed gradients are attributes, not saved tensors: backward scales them in place.
+        ctx.grads = [g for g in grads.result(linear_weight, linear_bias) if g is not None] if precompute else None
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, divisor)
+        ctx.options = (ignore_index, eps, reduction, chunk, options)
         return losses if reduction == 0 else losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.precomputed:
-            *saved, divisor = ctx.saved_tensors
-            saved = iter(saved)
-            scale = grad_output / divisor
-            grads = [next(saved) * scale if need else None for need in ctx.needs]
-            return (*grads, None, None, None, None, None, None, None)
-        input, linear_weight, linear_bias, target, weight, stats = ctx.saved_tensors
-        ignore_index, eps, chunk, options = ctx.options
-        grads = _Gradients(tuple(ctx.needs_input_grad[:3]), input, linear_weight, stats.dtype)
+        no_grads = (None,) * 7
+        input, linear_weight, linear_bias, target, weight, stats, divisor = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        ignore_index, eps, reduction, chunk, options = ctx.options
+        if ctx.grads is not None:  # handed over, scaled in place: a second (C, H) weight gradient would double the peak
+            formed = iter(g.mul_(grad_output / divisor) for g in ctx.grads)
+            ctx.grads = None  # the caller owns them now; a later backward recomputes
+            return (*(next(formed) if need else None for need in needs), *no_grads)
+        rows_grad = grad_output if reduction == 0 else (grad_output / divisor).expand(input.shape[0])
+        grads = _Gradients(needs, input, linear_weight, stats.dtype)
         for start in range(0, input.shape[0], chunk):
             part = slice(start, start + chunk)
             logits = torch.nn.functional.linear(input[part], linear_weight, linear_bias)
             grad_logits = torch.ops.fused_softmax.cross_entropy_bwd(
-                grad_output[part].contiguous(), logits, target[part], weight, stats[part], ignore_index, eps, 0,
+                rows_grad[part].contiguous(), logits, target[part], weight, stats[part], ignore_index, eps, 0,
                 *options,
             )  # fmt: skip
             grads.add(part, grad_logits, input, linear_weight)
-        return (*grads.result(linear_weight, linear_bias), None, None, None, None, None, None, None)
+        return (*grads.result(linear_weight, linear_bias), *no_grads)

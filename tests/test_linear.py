@@ -146,3 +146,17 @@ def test_bad_inputs(call, words):
         call(x, w, t)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_backward_twice_through_one_graph():
+    x, w, b, t = problem("cpu")
+    x.requires_grad_(True)
+    loss = fused_softmax.linear_cross_entropy(x, w, t, linear_bias=b)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss * 3, x, retain_graph=True)
+    (g1_again,) = torch.autograd.grad(loss, x, retain_graph=True)
+    torch.testing.assert_close(g3, 3 * g1, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g1_again, g1, rtol=1e-12, atol=1e-15)
+    (zero,) = torch.autograd.grad(loss * 0, x, retain_graph=True)
+    assert not zero.any()
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], g1, rtol=1e-12, atol=1e-15)
