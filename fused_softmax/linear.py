@@ -17,6 +17,8 @@ from .reference import REDUCTIONS, accumulate_dtype, mean_divisor
 
 # About this many logits per chunk (64 MiB in float32) unless chunk_size says otherwise.
 _CHUNK_ELEMENTS = 1 << 24
+# Rows of the weight gradient per float32 += of a 16-bit product (a few MB of temporary each).
+_ADD_ROWS = 1024
 
 
 def linear_cross_entropy(
@@ -125,7 +127,10 @@ class _Gradients:
                 if self.product is None:  # one buffer for every chunk: a fresh (C, H) each time costs page faults
                     self.product = torch.empty_like(linear_weight)
                 torch.mm(grad_logits.t(), input[part], out=self.product)
-                self.weight += self.product
+                # Added a slice at a time: a mixed-dtype add makes a float32 copy of its operand, and a
+                # fresh (C, H) one per chunk would cost more in page faults than the add itself.
+                for rows in range(0, self.weight.shape[0], _ADD_ROWS):
+                    self.weight[rows : rows + _ADD_ROWS] += self.product[rows : rows + _ADD_ROWS]
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
 

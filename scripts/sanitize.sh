@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 source .venv/bin/activate
 python -m pip install --quiet pytest hypothesis
-trap 'rm -f fused_softmax/_C*.so' EXIT  # the instrumented build must not linger beside the sources
+root=$PWD
+trap 'rm -f "$root"/fused_softmax/_C*.so' EXIT  # the instrumented build must not linger beside the sources
 mkdir -p build
 FUSED_SOFTMAX_SANITIZE=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
   python setup.py build_ext --inplace --build-temp build/sanitize > build/sanitize.log 2>&1 \
