@@ -61,3 +61,20 @@ def test_bitwise_identical_for_any_thread_count(shape, dtype):
         torch.set_num_threads(before)
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_gradient_large_enough_for_huge_pages_is_an_ordinary_tensor():
+    """A gradient of >= 32 MiB comes from its own huge-page mapping (CPU); it must behave like any other."""
+    x = torch.randn(2048, 4100, requires_grad=True)  # 33.6 MB of float32
+    y = torch.randint(0, 4100, (2048,))
+    fused_softmax.cross_entropy(x, y).backward()
+    first = x.grad.clone()
+    fused_softmax.cross_entropy(x, y).backward()  # accumulates into the first gradient
+    torch.testing.assert_close(x.grad, 2 * first)
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(x, y), x)[0]
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-7)
+    grad = torch.autograd.grad(fused_softmax.cross_entropy(x, y, reduction="sum"), x)[0]
+    assert grad.is_contiguous() and grad.shape == x.shape
+    assert not grad.untyped_storage().resizable()  # it did come from the kernel's own mapping (Linux)
+    torch.testing.assert_close(grad.clone().mul_(2).sub_(grad), grad)
+    del grad  # unmapped here; nothing else refers to it

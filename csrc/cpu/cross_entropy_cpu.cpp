@@ -426,7 +426,8 @@ struct Problem {
 // (THP "madvise" mode, the common default). A fresh N x C gradient is written once, page by page:
 // with 4 KiB pages its first-touch faults cost more than the backward's arithmetic (130 ms of a
 // 500 MB tensor's ~200 ms here); 2 MiB pages take 512x fewer faults. Small tensors, and systems
-// without THP, get at::empty.
+// without THP, get at::empty. The mapping bypasses torch's CPU allocator (its profiler does not
+// see it) and makes a non-resizable tensor, which a gradient never needs to be.
 at::Tensor empty_for_gradient(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t(2) << 20;
