@@ -100,7 +100,7 @@ def cross_entropy_rows(
         terms = torch.where(q != 0, terms, 0)
     rows = terms.sum(1)
     if z_loss > 0:
-        lse = torch.logsumexp(x, 1)
+        lse = stats.sum(1)  # max + log_sum, differentiable here (detached only on return)
         rows = rows + z_loss * lse * lse
     return torch.where(valid, rows, 0), stats.detach()
 

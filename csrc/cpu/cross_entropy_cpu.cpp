@@ -77,13 +77,6 @@ inline Vectorized<double> vexp(const Vectorized<double>& v) {
   return v.map([](double a) { return std::exp(a); });
 }
 
-inline Vectorized<float> vlog(const Vectorized<float>& v) {
-  return v.log();
-}
-inline Vectorized<double> vlog(const Vectorized<double>& v) {
-  return v.log();
-}
-
 template <typename acc_t>
 inline acc_t first_lane(const Vectorized<acc_t>& v) {
   __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
@@ -138,10 +131,6 @@ struct SpreadMass {
     if (t) q = at::vec::fmadd(Vec(a), load<acc_t>(t + j, n), q);
     if (w) q = q * load<acc_t>(w + j, n);
     return Vec::set(Vec(0), q, n);  // lanes past the row carry no mass
-  }
-  acc_t at(int64_t j) const {
-    const acc_t q = t ? a * static_cast<acc_t>(t[j]) + b : b;
-    return w ? q * w[j] : q;
   }
 };
 
@@ -317,7 +306,7 @@ struct Problem {
     }
     // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
     const Vec finite = (m - m) == Vec(0);
-    const Vec log_sum = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), vlog(sum_exp), finite);
+    const Vec log_sum = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), sum_exp.log(), finite);
     __at_align__ acc_t coef[K] = {}, x_y[K] = {}, counted[K] = {};
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t cls = y[i0 + r];
