@@ -22,6 +22,7 @@
 #include <limits>
 #include <numeric>
 #include <type_traits>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -281,6 +282,7 @@ struct Problem {
   // --- the small-C path: K index rows per block, one per lane ---------------------------------
 
   // Copies rows [i0, i0 + rows) into buf[c * K + r] as x (transformed), lane r = row i0 + r (others 0).
+  // Scalar copies: ATen's register transpose (transpose_mxn) and vector gathers both measured slower.
   void load_block(int64_t i0, int64_t rows, acc_t* buf) const {
     if (rows < K) std::fill(buf, buf + C * K, acc_t(0));
     for (int64_t r = 0; r < rows; ++r)
@@ -354,16 +356,26 @@ struct Problem {
     }
   }
 
+  // Calls f(i0, rows, block) for the blocks of rows [begin, end), block loaded by load_block. The
+  // next block is loaded before f works on this one: buf is written a scalar at a time and read a
+  // vector at a time, and a vector load of bytes still in the store buffer stalls (store forwarding).
+  template <typename F>
+  void for_each_block(int64_t begin, int64_t end, acc_t (&buf)[2][kMaxSmallClasses * K], const F& f) const {
+    load_block(begin, std::min(K, end - begin), buf[0]);
+    for (int64_t i0 = begin, b = 0; i0 < end; i0 += K, b ^= 1) {
+      if (i0 + K < end) load_block(i0 + K, std::min(K, end - i0 - K), buf[b ^ 1]);
+      f(i0, std::min(K, end - i0), buf[b]);
+    }
+  }
+
   // --- rows [begin, end), either path ---------------------------------------------------------
 
   void forward_rows(int64_t begin, int64_t end, acc_t* loss, RowStats<acc_t>* stats) const {
     if (small()) {
-      __at_align__ acc_t buf[kMaxSmallClasses * K];
-      for (int64_t i0 = begin; i0 < end; i0 += K) {
-        const int64_t rows = std::min(K, end - i0);
-        load_block(i0, rows, buf);
-        forward_block(buf, i0, rows, loss, stats);
-      }
+      __at_align__ acc_t buf[2][kMaxSmallClasses * K];
+      for_each_block(begin, end, buf, [&](int64_t i0, int64_t rows, const acc_t* block) {
+        forward_block(block, i0, rows, loss, stats);
+      });
       return;
     }
     for (int64_t i = begin; i < end; ++i) {
@@ -389,15 +401,13 @@ struct Problem {
       return true;
     };
     if (small()) {
-      __at_align__ acc_t buf[kMaxSmallClasses * K];
-      for (int64_t i0 = begin; i0 < end; i0 += K) {
-        const int64_t rows = std::min(K, end - i0);
-        load_block(i0, rows, buf);
-        backward_block(buf, i0, rows, stats, g, g_stride);
+      __at_align__ acc_t buf[2][kMaxSmallClasses * K];
+      for_each_block(begin, end, buf, [&](int64_t i0, int64_t rows, acc_t* block) {
+        backward_block(block, i0, rows, stats, g, g_stride);
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
+          for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(block[c * K + r]);
         for (int64_t r = 0; r < rows; ++r) mend_row(i0 + r);
-      }
+      });
       return;
     }
     for (int64_t i = begin; i < end; ++i) {
@@ -494,6 +504,24 @@ Problem<scalar_t> make_problem(const PreparedArgs& p, int64_t ignore_index, doub
   return P;
 }
 
+// sum_{i < N} f(i) in double. Fixed blocks of rows are summed in parallel, each in four interleaved
+// chains (one chain waits on every add's latency), then the block sums in order: the same bits for
+// any thread count, and no serial pass over N (at N = 65536, C = 10 that took a third of the forward).
+template <typename F>
+double ordered_sum(int64_t N, const F& f) {
+  constexpr int64_t kBlockRows = 4096;
+  std::vector<double> block_sums((N + kBlockRows - 1) / kBlockRows);
+  at::parallel_for(0, static_cast<int64_t>(block_sums.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * kBlockRows, end = std::min(N, begin + kBlockRows);
+      double chain[4] = {0, 0, 0, 0};
+      for (int64_t i = begin; i < end; ++i) chain[i % 4] += f(i);
+      block_sums[b] = (chain[0] + chain[1]) + (chain[2] + chain[3]);
+    }
+  });
+  return std::accumulate(block_sums.begin(), block_sums.end(), 0.0);
+}
+
 // The divisor of 'mean': the summed weights of the rows not ignored (class
 // indices; their count without weights), or the row count (probabilities).
 // A plain loop: for a small batch, ATen ops would cost more than the kernel.
@@ -502,11 +530,9 @@ double mean_divisor_cpu(const PreparedArgs& p, int64_t ignore_index) {
   if (p.probabilities) return static_cast<double>(p.input.size(0));
   const int64_t* y = p.target.const_data_ptr<int64_t>();
   const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
-  double divisor = 0;
-  for (int64_t i = 0; i < p.input.size(0); ++i) {
-    if (y[i] != ignore_index) divisor += w ? static_cast<double>(w[y[i]]) : 1.0;
-  }
-  return divisor;
+  return ordered_sum(p.input.size(0), [&](int64_t i) {
+    return y[i] == ignore_index ? 0.0 : w ? static_cast<double>(w[y[i]]) : 1.0;
+  });
 }
 
 // The forward; with in_place it also overwrites input with d loss / d input for grad_loss = 1,
@@ -537,9 +563,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
       P.forward_rows(begin, end, loss_out, stats_out);
       if (in_place) P.backward_rows(begin, end, stats_out, &unit_grad, 0, p.input.data_ptr<scalar_t>());
     });
-    if (reduction != kNone) {  // summed in double, in row order: the same bits for any thread count
-      double total = 0;
-      for (int64_t i = 0; i < N; ++i) total += loss_out[i];
+    if (reduction != kNone) {
+      const double total = ordered_sum(N, [&](int64_t i) { return static_cast<double>(loss_out[i]); });
       reduced = at::scalar_tensor(total / divisor, p.input.options().dtype(acc));  // 0 / 0 = nan, as torch
     }
   });
