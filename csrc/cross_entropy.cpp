@@ -18,11 +18,13 @@ std::string shape_of(const at::Tensor& t) {
 namespace {
 // Validates the arguments shared by both ops. Returns true when `target` holds
 // class probabilities rather than class indices.
+// classes: the row's class count, input.size(1) unless input is a block of the classes.
 bool check_cross_entropy_args(
     const at::Tensor& input,
     const at::Tensor& target,
     const std::optional<at::Tensor>& weight,
-    double label_smoothing) {
+    double label_smoothing,
+    int64_t classes) {
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -32,8 +34,7 @@ bool check_cross_entropy_args(
       input.dim() == 2,
       "fused_softmax: input: expected a 2-D (rows, classes) tensor, got shape ", shape_of(input));
   const int64_t rows = input.size(0);
-  const int64_t classes = input.size(1);
-  TORCH_CHECK(classes >= 1, "fused_softmax: input: expected at least one class, got shape ", shape_of(input));
+  TORCH_CHECK(input.size(1) >= 1, "fused_softmax: input: expected at least one class, got shape ", shape_of(input));
   TORCH_CHECK(
       target.device() == input.device(),
       "fused_softmax: target: expected a tensor on ", input.device(), " like input, got one on ", target.device());
@@ -50,9 +51,9 @@ bool check_cross_entropy_args(
         shape_of(input), ", got ", shape_of(target));
   } else if (at::isFloatingType(tdtype)) {
     TORCH_CHECK(
-        target.sizes() == input.sizes(),
-        "fused_softmax: target: class probabilities must have the shape of input ", shape_of(input),
-        ", got ", shape_of(target));
+        target.dim() == 2 && target.size(0) == rows && target.size(1) == classes,
+        "fused_softmax: target: class probabilities must have shape [", rows, ", ", classes, "] to match input ",
+        shape_of(input), ", got ", shape_of(target));
     TORCH_CHECK(
         tdtype == dtype,
         "fused_softmax: target: class probabilities must have input's dtype ", dtype, ", got ", tdtype);
@@ -122,12 +123,21 @@ PreparedArgs prepare_args(
     const at::Tensor& target,
     const std::optional<at::Tensor>& weight,
     double label_smoothing,
-    int64_t reduction) {
+    int64_t reduction,
+    int64_t class_start,
+    int64_t num_classes) {
   TORCH_CHECK(
       reduction == kNone || reduction == kMean || reduction == kSum,
       "fused_softmax: reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   PreparedArgs p;
-  p.probabilities = check_cross_entropy_args(input, target, weight, label_smoothing);
+  const int64_t columns = input.dim() == 2 ? input.size(1) : 0;  // a wrong dim is reported below
+  p.class_start = class_start;
+  p.num_classes = num_classes == 0 ? columns : num_classes;
+  TORCH_CHECK(
+      class_start >= 0 && class_start + columns <= p.num_classes,
+      "fused_softmax: class_start, num_classes: input's ", columns, " columns starting at class ", class_start,
+      " must lie within the ", p.num_classes, " classes");
+  p.probabilities = check_cross_entropy_args(input, target, weight, label_smoothing, p.num_classes);
   p.input = input.stride(1) == 1 ? input : input.contiguous();
   if (p.probabilities) {
     p.target = target.stride(1) == 1 ? target : target.contiguous();
@@ -150,11 +160,14 @@ TORCH_LIBRARY(fused_softmax, m) {
   m.def(
       "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
       "int reduction, float logit_scale=1., float softcap=0., float z_loss=0.) -> (Tensor loss, Tensor stats)");
-  // d(grad_loss . loss) / d input, in one pass over input.
+  // d(grad_loss . loss) / d input, in one pass over input. With class_start and num_classes, input
+  // holds the classes [class_start, class_start + input.size(1)) of rows of num_classes classes
+  // (0: input.size(1)): target, weight and stats describe the whole rows, the gradient is of the
+  // block's columns (fused linear cross-entropy forms its weight gradient a block of classes at a time).
   m.def(
       "cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
       "int ignore_index, float label_smoothing, int reduction, float logit_scale=1., float softcap=0., "
-      "float z_loss=0.) -> Tensor");
+      "float z_loss=0., int class_start=0, int num_classes=0) -> Tensor");
   // The forward that also overwrites input with d loss / d input (for grad_loss = 1): forward and
   // backward in one sweep, and no N x C allocation. input must have contiguous rows.
   m.def(

@@ -65,6 +65,8 @@ struct PreparedArgs {
   at::Tensor target;      // int64 class indices, or probabilities with stride(1) == 1
   at::Tensor weight;      // accumulation dtype, contiguous; undefined without weight
   bool probabilities;     // target holds class probabilities rather than indices
+  int64_t class_start;    // input's columns are the classes [class_start, class_start + input.size(1))
+  int64_t num_classes;    // of rows of this many classes (the backward op's column blocks; else input.size(1))
 };
 
 PreparedArgs prepare_args(
@@ -72,6 +74,8 @@ PreparedArgs prepare_args(
     const at::Tensor& target,
     const std::optional<at::Tensor>& weight,
     double label_smoothing,
-    int64_t reduction);
+    int64_t reduction,
+    int64_t class_start = 0,
+    int64_t num_classes = 0);
 
 }  // namespace fused_softmax

@@ -36,11 +36,15 @@ at::Tensor call_bwd(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
     int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fused_softmax::cross_entropy_bwd", "")
-                       .typed<decltype(call_bwd)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_softmax::cross_entropy_bwd", "")
+          .typed<at::Tensor(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+              const at::Tensor&, int64_t, double, int64_t, double, double, double, int64_t, int64_t)>();
   return op.call(
-      grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+      grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss,
+      /*class_start=*/0, /*num_classes=*/0);
 }
 
 // The non-tensor arguments, kept in ctx->saved_data.

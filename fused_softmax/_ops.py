@@ -68,6 +68,13 @@ def cross_entropy(
     return _FWD(*args, logit_scale, softcap, z_loss)
 
 
+def cross_entropy_grad(*args) -> Tensor:
+    """The backward op (cross_entropy_bwd's arguments), or its reference math without compiled ops."""
+    if _C is None:
+        return reference.cross_entropy_rows_grad(*args)
+    return torch.ops.fused_softmax.cross_entropy_bwd(*args)
+
+
 class _ReferenceInplace(torch.autograd.Function):
     """The in-place contract in plain PyTorch (no compiled ops): the gradient replaces the logits."""
 

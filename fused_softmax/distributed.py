@@ -1,11 +1,12 @@
 """Vocab-parallel cross-entropy (Megatron-style tensor parallelism over the classes).
 
-Each rank of `group` holds a contiguous, equal slice of the C = world * C_local classes: rank r holds
-classes [r * C_local, (r + 1) * C_local). Per row, the fused op gives the slice's (max, log_sum) in
-one pass, and the target logit is gathered where it lives; then one MAX all-reduce (the global max)
-and one SUM all-reduce of a packed (N, 3) tensor (sum of exp relative to that max, the target logit,
-and for label smoothing the sum of the logits) give every rank the global log-sum-exp. Backward
-needs no communication: each rank's gradient depends only on its own slice and the global lse.
+Each rank of `group` holds a contiguous slice of the classes, in rank order (rank r's slice starts
+where rank r - 1's ends; slices may differ in width). Per row, the fused forward op gives the
+slice's (max, log_sum) in one pass; one MAX all-reduce gives the global max (and every rank's slice
+width, so each rank learns where its slice starts), one SUM all-reduce of a packed (N, 3) tensor
+gives the sum of exp relative to that max, the target logit and, for label smoothing, the weighted
+sum of the logits. Backward needs no communication: the backward op on a block of columns
+(class_start, num_classes) turns the slice into its gradient given the global (max, log_sum).
 """
 
 from __future__ import annotations
@@ -15,52 +16,80 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops
-from .reference import REDUCTIONS, accumulate_dtype
+from .functional import check_options
+from .reference import REDUCTIONS, accumulate_dtype, mean_divisor, transform
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local: Tensor, target: Tensor, group, ignore_index: int, label_smoothing: float) -> Tensor:
+    def forward(ctx, local, target, weight, group, ignore_index, label_smoothing, options):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n, c_local = local.shape
         acc = accumulate_dtype(local.dtype)
-        start = rank * c_local
-        # The slice's (max, log_sum) from the fused forward; no target here (every row "ignored").
+        logit_scale, softcap, z_loss = options
+        # The slice's (max, log_sum) of the logits as the softmax sees them; every row "ignored": no target here.
         nowhere = torch.full((n,), ignore_index, dtype=torch.long, device=local.device)
-        _, stats = _ops.cross_entropy(local.detach(), nowhere, None, ignore_index, 0.0, "none")
-        global_max = stats[:, 0].clone()
-        dist.all_reduce(global_max, dist.ReduceOp.MAX, group=group)
+        _, stats = _ops.cross_entropy(local.detach(), nowhere, None, ignore_index, 0.0, "none", logit_scale, softcap)
+        # MAX all-reduce: the rows' global max, and each rank's slice width (-inf from the other ranks).
+        widths = torch.full((world,), float("-inf"), dtype=acc, device=local.device)
+        widths[rank] = c_local
+        maxed = torch.cat([stats[:, 0], widths])
+        dist.all_reduce(maxed, dist.ReduceOp.MAX, group=group)
+        global_max, widths = maxed[:n], maxed[n:].long().tolist()
+        start, classes = sum(widths[:rank]), sum(widths)
         counted = target != ignore_index
+        # The same check on every rank (same target, same widths): all raise together, none waits.
+        if bool(((target < 0) | (target >= classes)).logical_and(counted).any()):
+            raise ValueError(f"vocab_parallel_cross_entropy: target: class indices must be in [0, {classes})")
+        if weight is not None and weight.shape != (classes,):
+            raise ValueError(
+                f"vocab_parallel_cross_entropy: weight: expected ({classes},) class weights (every class, on every "
+                f"rank), got {tuple(weight.shape)}"
+            )
+        w = None if weight is None else weight.to(acc)
         mine = counted & (target >= start) & (target < start + c_local)
         local_index = torch.where(mine, target - start, 0)
+        x_y = transform(local.gather(1, local_index[:, None])[:, 0].to(acc), logit_scale, softcap)
+        eps = label_smoothing
+        if eps > 0:  # sum_c w_c x_c over the slice
+            x = transform(local.detach().to(acc), logit_scale, softcap)
+            spread = x.sum(1) if w is None else x @ w[start : start + c_local]
+        else:
+            spread = torch.zeros(n, dtype=acc, device=local.device)
         packed = torch.stack(
             [
                 # A slice of only -inf adds 0; a NaN or +inf stays NaN.
                 torch.where(stats[:, 0] == float("-inf"), 0.0, torch.exp(stats[:, 0] - global_max + stats[:, 1])),
-                torch.where(mine, local.gather(1, local_index[:, None])[:, 0].to(acc), 0.0),
-                local.sum(1, dtype=acc) if label_smoothing > 0 else torch.zeros(n, dtype=acc, device=local.device),
+                torch.where(mine, x_y, 0.0),
+                spread,
             ],
             1,
         )
         dist.all_reduce(packed, dist.ReduceOp.SUM, group=group)
-        lse = global_max + torch.log(packed[:, 0])
-        classes = world * c_local
-        eps = label_smoothing
-        # sum_c q_c (lse - x_c) with q = (1 - eps) onehot + eps / C
-        loss = (1 - eps) * (lse - packed[:, 1]) + eps * (lse - packed[:, 2] / classes)
+        log_sum = torch.log(packed[:, 0])
+        lse = global_max + log_sum
+        # sum_c q_c (lse - x_c) with q = (1 - eps) w_y onehot(y) + eps / C w; lse - x_y = log_sum + (max - x_y)
+        w_y = 1.0 if w is None else w[torch.where(counted, target, 0)]
+        w_total = classes if w is None else w.sum()
+        loss = (1 - eps) * w_y * (log_sum + (global_max - packed[:, 1]))
+        if eps > 0:
+            loss = loss + eps / classes * (w_total * lse - packed[:, 2])
+        if z_loss > 0:
+            loss = loss + z_loss * lse * lse
         loss = torch.where(counted, loss, 0.0)
-        ctx.save_for_backward(local, lse, local_index, mine, counted)
-        ctx.eps, ctx.classes = eps, classes
+        ctx.save_for_backward(local, target, weight, torch.stack([global_max, log_sum], 1))
+        ctx.args = (ignore_index, eps, options, start, classes)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        local, lse, local_index, mine, counted = ctx.saved_tensors
-        acc = lse.dtype
-        g = torch.where(counted, grad_loss.to(acc), 0.0)[:, None]
-        grad = torch.exp(local.to(acc) - lse[:, None]) - ctx.eps / ctx.classes
-        grad.scatter_add_(1, local_index[:, None], torch.where(mine, ctx.eps - 1.0, 0.0).to(acc)[:, None])
-        return (grad * g).to(local.dtype), None, None, None, None
+        local, target, weight, stats = ctx.saved_tensors
+        ignore_index, eps, options, start, classes = ctx.args
+        grad = _ops.cross_entropy_grad(
+            grad_loss.to(stats.dtype).contiguous(), local, target, weight, stats, ignore_index, eps, 0,
+            *options, start, classes,
+        )  # fmt: skip
+        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -68,16 +97,21 @@ def vocab_parallel_cross_entropy(
     target: Tensor,
     group: dist.ProcessGroup | None = None,
     *,
+    weight: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """Cross-entropy of logits split by class over the ranks of `group` (default: the world).
 
-    local_logits: (N, C_local), this rank's contiguous slice of the classes (rank r holds classes
-    r * C_local ... (r + 1) * C_local - 1; every rank the same C_local). target: (N,) global class
-    indices, the same on every rank. Returns what fused_softmax.cross_entropy returns on the gathered
-    (N, world * C_local) logits, on every rank; the gradient is this rank's slice of its gradient.
+    local_logits: (N, C_r), this rank's contiguous slice of the classes, the slices in rank order
+    (rank r's classes start at C_0 + ... + C_{r-1}; widths may differ). target: (N,) global class
+    indices and weight: (C,) class weights of every class, the same on every rank. z_loss, softcap,
+    logit_scale as in fused_softmax.cross_entropy. Returns what fused_softmax.cross_entropy returns
+    on the gathered (N, C) logits, on every rank; the gradient is this rank's slice of its gradient.
     """
     if not dist.is_initialized():
         raise RuntimeError("vocab_parallel_cross_entropy: torch.distributed is not initialized")
@@ -88,21 +122,24 @@ def vocab_parallel_cross_entropy(
             f"vocab_parallel_cross_entropy: target: expected ({local_logits.shape[0]},) class indices, got "
             f"{tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__}"
         )
+    if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1 or weight.requires_grad):
+        raise ValueError("vocab_parallel_cross_entropy: weight: expected a 1-D tensor of class weights, detached")
     if reduction not in REDUCTIONS:
         raise ValueError(f"vocab_parallel_cross_entropy: reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(
             f"vocab_parallel_cross_entropy: label_smoothing: expected a value in [0, 1], got {label_smoothing}"
         )
-    classes = dist.get_world_size(group) * local_logits.shape[1]
-    counted = target != ignore_index
-    if bool(((target < 0) | (target >= classes)).logical_and(counted).any()):
-        raise ValueError(f"vocab_parallel_cross_entropy: target: class indices must be in [0, {classes})")
-    loss = _VocabParallelCrossEntropy.apply(local_logits, target.long(), group, ignore_index, float(label_smoothing))
+    check_options("vocab_parallel_cross_entropy", z_loss, softcap, logit_scale)
+    target = target.long()
+    options = (float(logit_scale), float(softcap or 0.0), float(z_loss))
+    loss = _VocabParallelCrossEntropy.apply(
+        local_logits, target, weight, group, ignore_index, float(label_smoothing), options
+    )
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
-        loss = loss.sum() / counted.sum()
+        loss = loss.sum() / mean_divisor(target, weight, ignore_index, loss.dtype)
     return loss.to(local_logits.dtype)
 
 

@@ -62,15 +62,7 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     rows, target_rows, rows_shape = _as_rows(input, target, reduction, label_smoothing, weight, ignore_index)
-    for name, value in (("z_loss", z_loss), ("logit_scale", logit_scale), ("softcap", softcap)):
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise TypeError(f"cross_entropy: {name}: expected a float, got {type(value).__name__}")
-    if not z_loss >= 0:
-        raise ValueError(f"cross_entropy: z_loss: expected a value >= 0, got {z_loss}")
-    if not logit_scale > 0:
-        raise ValueError(f"cross_entropy: logit_scale: expected a value > 0, got {logit_scale}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"cross_entropy: softcap: expected a value > 0 or None, got {softcap}")
+    check_options("cross_entropy", z_loss, softcap, logit_scale)
     inplace_backward = inplace_backward and torch.is_grad_enabled() and input.requires_grad
     if inplace_backward:
         _check_inplace(input)
@@ -94,6 +86,19 @@ def cross_entropy(
                 z_part = z_part / mean_divisor(target_rows, weight, ignore_index, z_part.dtype)
         z_part = _as_dtype(z_part.reshape(rows_shape) if reduction == "none" else z_part, input.dtype)
     return CrossEntropyOutput(loss, lse.reshape(rows_shape) if return_lse else None, z_part)
+
+
+def check_options(caller: str, z_loss: float, softcap: float | None, logit_scale: float) -> None:
+    """The options beyond torch; errors name the caller and the option."""
+    for name, value in (("z_loss", z_loss), ("logit_scale", logit_scale), ("softcap", softcap)):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise TypeError(f"{caller}: {name}: expected a float, got {type(value).__name__}")
+    if not z_loss >= 0:
+        raise ValueError(f"{caller}: z_loss: expected a value >= 0, got {z_loss}")
+    if not logit_scale > 0:
+        raise ValueError(f"{caller}: logit_scale: expected a value > 0, got {logit_scale}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{caller}: softcap: expected a value > 0 or None, got {softcap}")
 
 
 def _check_inplace(input: Tensor) -> None:

@@ -1,9 +1,10 @@
 """fused_softmax.linear_cross_entropy: cross-entropy of input @ linear_weight.T + linear_bias, computed
-in chunks of rows so that no N x C logits tensor ever exists.
+in chunks so that no N x C logits tensor ever exists.
 
 For each chunk of rows: the chunk's logits, the fused op's per-row losses, and (see
-_LinearCrossEntropy) the chunk's share of the gradients of input, weight and bias; then the logits
-are dropped. Peak memory is set by chunk_size x C, not by N.
+_LinearCrossEntropy) the chunk's share of the gradients of input and bias, and of weight in
+float32/float64; then the logits are dropped. A 16-bit weight's gradient is formed afterwards a
+block of classes at a time (see _Gradients). Peak memory is set by the chunk, not by N.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from . import _ops
 from .functional import cross_entropy
 from .reference import REDUCTIONS, accumulate_dtype, mean_divisor
 
-# About this many logits per chunk (64 MiB in float32) unless chunk_size says otherwise.
-_CHUNK_ELEMENTS = 1 << 24
-# Rows of the weight gradient per float32 += of a 16-bit product (a few MB of temporary each).
-_ADD_ROWS = 1024
+# A chunk of rows' logits takes about this many bytes unless chunk_size says otherwise.
+_CHUNK_BYTES = 64 << 20
 
 
 def linear_cross_entropy(
@@ -90,7 +89,7 @@ def linear_cross_entropy(
             softcap=softcap,
             logit_scale=logit_scale,
         )
-    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, linear_weight.shape[0]))
+    chunk = chunk_size or _power_of_two_at_most(_CHUNK_BYTES // (max(1, linear_weight.shape[0]) * input.element_size()))
     loss = _LinearCrossEntropy.apply(
         rows,
         linear_weight,
@@ -108,47 +107,70 @@ def linear_cross_entropy(
     return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
+def _linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, buffer: Tensor) -> Tensor:
+    """input @ linear_weight.T + linear_bias, written into the leading rows of buffer."""
+    out = buffer[: input.shape[0]]
+    if linear_bias is None:
+        return torch.mm(input, linear_weight.t(), out=out)
+    return torch.addmm(linear_bias, input, linear_weight.t(), out=out)
+
+
+def _power_of_two_at_most(n: int) -> int:
+    """Chunk and block sizes: CPU GEMMs (oneDNN) ran 20-35% slower with 261 or 320 rows than with 256."""
+    return 1 << max(0, n.bit_length() - 1)
+
+
 class _Gradients:
-    """The gradients of input, weight and bias, accumulated chunk by chunk (weight and bias in acc)."""
+    """The gradients of input, weight and bias. Input and bias: a chunk of rows at a time (add). Weight:
+    in float32/float64, summed over the chunks inside the GEMM (addmm_). In 16 bits that running sum
+    would be rounded once per chunk (about 5x torch's error at 64 chunks) and a float32 one would
+    take twice the weight's memory, so it is formed once every row's statistics are known, a block of
+    classes at a time (result): each block's logits again, their gradient (the backward op on a block
+    of columns), and its rows of the weight gradient in one GEMM over all the rows, rounded once. One
+    more matmul than the row chunks need, and no weight-sized temporary."""
 
     def __init__(self, needs: tuple[bool, bool, bool], input: Tensor, linear_weight: Tensor, acc: torch.dtype):
         self.input = torch.empty_like(input) if needs[0] else None
-        self.weight = torch.zeros_like(linear_weight, dtype=acc) if needs[1] else None
+        self.by_classes = needs[1] and linear_weight.dtype != acc
+        self.weight = torch.zeros_like(linear_weight) if needs[1] and not self.by_classes else None
         self.bias = torch.zeros(linear_weight.shape[0], dtype=acc, device=input.device) if needs[2] else None
-        self.product: Tensor | None = None
 
     def add(self, part: slice, grad_logits: Tensor, input: Tensor, linear_weight: Tensor) -> None:
         if self.input is not None:
             torch.mm(grad_logits, linear_weight, out=self.input[part])  # rows of input: contiguous
         if self.weight is not None:
-            if self.weight.dtype == grad_logits.dtype:  # accumulated by the GEMM itself: no (C, H) temporary
-                self.weight.addmm_(grad_logits.t(), input[part])
-            else:  # 16-bit: each chunk's product rounds once to 16 bits, then is summed in float32
-                if self.product is None:  # one buffer for every chunk: a fresh (C, H) each time costs page faults
-                    self.product = torch.empty_like(linear_weight)
-                torch.mm(grad_logits.t(), input[part], out=self.product)
-                # Added a slice at a time: a mixed-dtype add makes a float32 copy of its operand, and a
-                # fresh (C, H) one per chunk would cost more in page faults than the add itself.
-                for rows in range(0, self.weight.shape[0], _ADD_ROWS):
-                    self.weight[rows : rows + _ADD_ROWS] += self.product[rows : rows + _ADD_ROWS]
+            self.weight.addmm_(grad_logits.t(), input[part])
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
 
-    def result(self, linear_weight: Tensor, linear_bias: Tensor | None) -> tuple:
-        self.product = None  # freed before the weight gradient is converted
-        return (
-            self.input,
-            None if self.weight is None else self.weight.to(linear_weight.dtype),
-            None if self.bias is None else self.bias.to(linear_bias.dtype),
-        )
+    def result(self, rows_grad: Tensor, chunk: int, saved: tuple, ignore_index: int, eps: float, options) -> tuple:
+        """(input, weight, bias) gradients; rows_grad: each row's grad_output; chunk: rows per chunk."""
+        input, linear_weight, linear_bias, target, weight, stats = saved[:6]
+        weight_grad = self.weight
+        if self.by_classes:
+            n, classes = input.shape[0], linear_weight.shape[0]
+            # A block's logits and their gradient together take half a chunk's memory.
+            block = _power_of_two_at_most(chunk * classes // (4 * max(1, n)))
+            weight_grad = torch.empty_like(linear_weight)
+            for start in range(0, classes, block):
+                cols = slice(start, start + block)
+                logits = torch.nn.functional.linear(
+                    input, linear_weight[cols], None if linear_bias is None else linear_bias[cols]
+                )
+                grad_logits = torch.ops.fused_softmax.cross_entropy_bwd(
+                    rows_grad, logits, target, weight, stats, ignore_index, eps, 0, *options, start, classes
+                )
+                torch.mm(grad_logits.t(), input, out=weight_grad[cols])
+        bias = None if self.bias is None else self.bias.to(linear_bias.dtype)
+        return self.input, weight_grad, bias
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """For 'mean' and 'sum' the gradient is known up to grad_output (one number) during the forward:
     the in-place op turns each chunk's logits into their gradient (for a summed loss) as it computes
-    the loss, and the first backward only scales the accumulated gradients, in place; three matmuls in
-    all, as the unfused path. For 'none' each row's grad_output differs, so the backward recomputes
-    each chunk's logits; so does a second backward through the same graph (retain_graph)."""
+    the loss, and the first backward only scales the formed gradients, in place. For 'none' each
+    row's grad_output differs, so the backward recomputes each chunk's logits; so does a second
+    backward through the same graph (retain_graph)."""
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, eps, reduction, chunk, options):
@@ -164,9 +186,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads = _Gradients(needs, input, linear_weight, acc)
         losses = input.new_empty((n,), dtype=acc)
         stats = input.new_empty((n, 2), dtype=acc)
+        # One buffer for every chunk's logits: a fresh one per chunk cost ~10% more in page faults.
+        buffer = input.new_empty((min(n, chunk), linear_weight.shape[0]))
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
-            logits = torch.nn.functional.linear(input[part], linear_weight, linear_bias)
+            logits = _linear(input[part], linear_weight, linear_bias, buffer)
             if precompute:  # logits become d(sum of the chunk's losses) / d logits
                 losses[part], stats[part] = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
                     logits, target[part], weight, ignore_index, eps, 0, *options
@@ -176,16 +200,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 losses[part], stats[part] = torch.ops.fused_softmax.cross_entropy_fwd(
                     logits, target[part], weight, ignore_index, eps, 0, *options
                 )
-        # The formed gradients are attributes, not saved tensors: backward scales them in place.
-        ctx.grads = [g for g in grads.result(linear_weight, linear_bias) if g is not None] if precompute else None
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, divisor)
+        buffer = logits = None  # freed before the weight gradient's blocks
+        saved = (input, linear_weight, linear_bias, target, weight, stats)
+        ctx.grads = None
+        if precompute:  # attributes, not saved tensors: backward scales them in place
+            unit = torch.ones(n, dtype=acc, device=input.device)
+            ctx.grads = [g for g in grads.result(unit, chunk, saved, ignore_index, eps, options) if g is not None]
+        ctx.save_for_backward(*saved, divisor)
         ctx.options = (ignore_index, eps, reduction, chunk, options)
         return losses if reduction == 0 else losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output):
         no_grads = (None,) * 7
-        input, linear_weight, linear_bias, target, weight, stats, divisor = ctx.saved_tensors
+        *saved, divisor = ctx.saved_tensors
+        input, linear_weight, linear_bias, target, weight, stats = saved
         needs = tuple(ctx.needs_input_grad[:3])
         ignore_index, eps, reduction, chunk, options = ctx.options
         if ctx.grads is not None:  # handed over, scaled in place: a second (C, H) weight gradient would double the peak
@@ -193,13 +222,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.grads = None  # the caller owns them now; a later backward recomputes
             return (*(next(formed) if need else None for need in needs), *no_grads)
         rows_grad = grad_output if reduction == 0 else (grad_output / divisor).expand(input.shape[0])
+        rows_grad = rows_grad.to(stats.dtype).contiguous()
         grads = _Gradients(needs, input, linear_weight, stats.dtype)
         for start in range(0, input.shape[0], chunk):
             part = slice(start, start + chunk)
             logits = torch.nn.functional.linear(input[part], linear_weight, linear_bias)
             grad_logits = torch.ops.fused_softmax.cross_entropy_bwd(
-                rows_grad[part].contiguous(), logits, target[part], weight, stats[part], ignore_index, eps, 0,
-                *options,
-            )  # fmt: skip
+                rows_grad[part], logits, target[part], weight, stats[part], ignore_index, eps, 0, *options
+            )
+            del logits
             grads.add(part, grad_logits, input, linear_weight)
-        return (*grads.result(linear_weight, linear_bias), *no_grads)
+            del grad_logits
+        return (*grads.result(rows_grad, chunk, saved, ignore_index, eps, options), *no_grads)

@@ -129,18 +129,22 @@ def cross_entropy_rows_grad(
     logit_scale: float = 1.0,
     softcap: float = 0.0,
     z_loss: float = 0.0,
+    class_start: int = 0,
+    num_classes: int = 0,
 ) -> Tensor:
     """The backward op's contract: d(grad_loss . loss) / d input =
-    g[i] * (softmax * (S[i] + 2 z_loss lse[i]) - q[i, :]) * dx/dinput."""
+    g[i] * (softmax * (S[i] + 2 z_loss lse[i]) - q[i, :]) * dx/dinput; input may be the classes
+    [class_start, class_start + input.shape[1]) of rows of num_classes (0: input.shape[1]) classes."""
     acc = accumulate_dtype(input.dtype)
     x = transform(input.to(acc), logit_scale, softcap)
     if reduction != 0:  # one value for every row
         divisor = mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else 1
         grad_loss = (grad_loss.to(acc) / divisor).expand(x.shape[0])
-    q, valid = _target_mass(target, weight, ignore_index, label_smoothing, x.shape[1], acc)
+    q, valid = _target_mass(target, weight, ignore_index, label_smoothing, num_classes or x.shape[1], acc)
     stats = stats.to(acc)
     p = torch.exp(minus_lse(x, stats))
     S = q.sum(1, keepdim=True) + 2 * z_loss * stats.sum(1, keepdim=True)
+    q = q[:, class_start : class_start + x.shape[1]]
     grad = grad_loss.to(acc)[:, None] * (p * S - q) * transform_slope(x, logit_scale, softcap)
     return torch.where(valid[:, None], grad, 0).to(input.dtype)
 

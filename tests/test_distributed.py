@@ -14,34 +14,41 @@ import fused_softmax
 from fused_softmax.distributed import vocab_parallel_cross_entropy
 
 WORLD = 2
+# Keyword arguments and the ranks' slice widths; "weight": class weights for every class.
 CASES = [
-    dict(reduction="mean"),
-    dict(reduction="sum", label_smoothing=0.1),
-    dict(reduction="none", label_smoothing=0.3, ignore_index=5),
+    (dict(reduction="mean"), (300, 300)),
+    (dict(reduction="sum", label_smoothing=0.1), (300, 300)),
+    (dict(reduction="none", label_smoothing=0.3, ignore_index=5), (300, 300)),
+    (dict(reduction="mean", weight=True, label_smoothing=0.2), (173, 427)),
+    (dict(reduction="none", z_loss=1e-3, softcap=8.0, logit_scale=0.8), (300, 300)),
+    (dict(reduction="mean", weight=True, z_loss=1e-2, logit_scale=1.3, ignore_index=5), (427, 173)),
 ]
 
 
-def problem(
-    dtype: torch.dtype, ignore_index: int, c_local: int = 300, n: int = 23
-) -> tuple[torch.Tensor, torch.Tensor]:
+def problem(dtype: torch.dtype, case: dict, n: int = 23) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Logits of 600 classes, targets, and the case's keyword arguments with its class weights."""
     g = torch.Generator().manual_seed(7)
-    logits = (torch.randn(n, WORLD * c_local, generator=g, dtype=torch.float64) * 4).to(dtype)
-    logits[3, c_local:] = float("-inf")  # a row that one rank sees as all -inf
-    target = torch.randint(0, WORLD * c_local, (n,), generator=g)
-    target[::4] = ignore_index
+    classes = 600
+    logits = (torch.randn(n, classes, generator=g, dtype=torch.float64) * 4).to(dtype)
+    logits[3, 300:] = float("-inf")  # a row that a rank sees as all -inf (the one whose slice starts at 300)
+    target = torch.randint(0, classes, (n,), generator=g)
+    target[::4] = case.get("ignore_index", -100)
     target[1] = 5
-    return logits, target
+    kwargs = dict(case)
+    if kwargs.pop("weight", False):
+        kwargs["weight"] = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    return logits, target, kwargs
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         for dtype in (torch.float32, torch.bfloat16):
-            for k, case in enumerate(CASES):
-                logits, target = problem(dtype, case.get("ignore_index", -100))
-                c_local = logits.shape[1] // WORLD
-                local = logits[:, rank * c_local : (rank + 1) * c_local].clone().requires_grad_()
-                loss = vocab_parallel_cross_entropy(local, target, **case)
+            for k, (case, widths) in enumerate(CASES):
+                logits, target, kwargs = problem(dtype, case)
+                start = sum(widths[:rank])
+                local = logits[:, start : start + widths[rank]].clone().requires_grad_()
+                loss = vocab_parallel_cross_entropy(local, target, **kwargs)
                 v = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
                 (loss.double() * v).sum().backward()
                 torch.save({"loss": loss.detach(), "grad": local.grad}, os.path.join(out_dir, f"{rank}-{dtype}-{k}.pt"))
@@ -59,15 +66,15 @@ def free_port() -> int:
 def test_two_ranks_match_the_gathered_logits(tmp_path):
     mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     for dtype in (torch.float32, torch.bfloat16):
-        for k, case in enumerate(CASES):
-            logits, target = problem(dtype, case.get("ignore_index", -100))
-            c_local = logits.shape[1] // WORLD
+        for k, (case, widths) in enumerate(CASES):
+            logits, target, kwargs = problem(dtype, case)
             x = logits.clone().requires_grad_()
-            expected = fused_softmax.cross_entropy(x, target, **case)
+            expected = fused_softmax.cross_entropy(x, target, **kwargs)
             v = torch.linspace(0.5, 1.5, expected.numel(), dtype=torch.float64).reshape(expected.shape)
             (expected.double() * v).sum().backward()
             x64 = logits.double().requires_grad_()
-            exact = fused_softmax.cross_entropy(x64, target, **case)
+            kwargs64 = {**kwargs, "weight": kwargs["weight"].double()} if "weight" in kwargs else kwargs
+            exact = fused_softmax.cross_entropy(x64, target, **kwargs64)
             (exact * v).sum().backward()
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             for rank in range(WORLD):
@@ -76,7 +83,7 @@ def test_two_ranks_match_the_gathered_logits(tmp_path):
                 # Both sides round to dtype once; each is within dtype's rounding of the float64 result.
                 torch.testing.assert_close(got["loss"].double(), exact.detach(), rtol=tol, atol=tol)
                 torch.testing.assert_close(got["loss"], expected.detach(), rtol=tol, atol=tol)
-                part = slice(rank * c_local, (rank + 1) * c_local)
+                part = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
                 torch.testing.assert_close(got["grad"].double(), x64.grad[:, part], rtol=tol, atol=tol * 1e-2)
                 torch.testing.assert_close(got["grad"], x.grad[:, part], rtol=tol, atol=tol * 1e-2)
 
@@ -84,3 +91,29 @@ def test_two_ranks_match_the_gathered_logits(tmp_path):
 def test_needs_an_initialized_group():
     with pytest.raises(RuntimeError, match="not initialized"):
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_is_the_op_and_bad_inputs_name_the_argument(one_rank_group):
+    logits, target, kwargs = problem(torch.float32, dict(weight=True, label_smoothing=0.1, z_loss=1e-3))
+    torch.testing.assert_close(
+        vocab_parallel_cross_entropy(logits, target, **kwargs), fused_softmax.cross_entropy(logits, target, **kwargs)
+    )
+    bad = [
+        (dict(target=torch.full((23,), 600)), "target"),
+        (dict(weight=torch.ones(599)), "weight"),
+        (dict(z_loss=-1.0), "z_loss"),
+        (dict(softcap=0.0), "softcap"),
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(local_logits=logits.long()), "local_logits"),
+    ]
+    for change, name in bad:
+        args = dict(local_logits=logits, target=target) | change
+        with pytest.raises(ValueError, match=name):
+            vocab_parallel_cross_entropy(args.pop("local_logits"), args.pop("target"), **args)

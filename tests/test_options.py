@@ -269,3 +269,54 @@ def test_options_and_inplace_compile_fullgraph(device):
         compiled.backward()
         torch.testing.assert_close(compiled, eager)
         torch.testing.assert_close(h2.grad, h1.grad)
+
+
+# --- the backward op on a block of classes (fused linear cross-entropy's 16-bit weight gradient) -------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("target_kind", ["indices", "probabilities"])
+@pytest.mark.parametrize("options", [(1.0, 0.0, 0.0), (0.7, 5.0, 1e-3)])
+def test_backward_of_a_block_of_classes_is_those_columns(device, dtype, target_kind, options):
+    n, c = 37, 300
+    x = (torch.randn(n, c, device=device) * 3).to(dtype)
+    if target_kind == "indices":
+        y = torch.randint(0, c, (n,), device=device)
+        y[3] = -100
+    else:
+        y = torch.softmax(torch.randn(n, c, device=device), 1).to(dtype)
+    w = torch.rand(c, device=device) + 0.1
+    ops = torch.ops.fused_softmax
+    for weight, eps in ((None, 0.0), (w, 0.1)):
+        _, stats = ops.cross_entropy_fwd(x, y, weight, -100, eps, 0, *options)
+        g = torch.rand(n, device=device)
+        whole = ops.cross_entropy_bwd(g, x, y, weight, stats, -100, eps, 0, *options)
+        for start, stop in ((0, 64), (64, 200), (200, 300), (17, 18)):
+            block = x[:, start:stop].contiguous()
+            ours = ops.cross_entropy_bwd(g, block, y, weight, stats, -100, eps, 0, *options, start, c)
+            # The same per-element arithmetic as the whole row: the same bits.
+            assert torch.equal(ours, whole[:, start:stop]), (weight is None, start, stop)
+
+
+def test_backward_of_a_block_of_classes_rejects_a_bad_block():
+    x, y = torch.randn(3, 10), torch.tensor([0, 1, 2])
+    _, stats = torch.ops.fused_softmax.cross_entropy_fwd(x, y, None, -100, 0.0, 0)
+    g = torch.ones(3)
+    for start, classes in ((-1, 20), (15, 20), (0, 5)):
+        with pytest.raises(RuntimeError, match="class_start, num_classes"):
+            torch.ops.fused_softmax.cross_entropy_bwd(g, x, y, None, stats, -100, 0.0, 0, 1.0, 0.0, 0.0, start, classes)
+    with pytest.raises(RuntimeError, match="target: class index 12"):
+        torch.ops.fused_softmax.cross_entropy_bwd(g, x, torch.tensor([0, 12, 2]), None, stats, -100, 0.0, 0,
+                                                  1.0, 0.0, 0.0, 0, 12)  # fmt: skip
+    with pytest.raises(RuntimeError, match="weight: expected a 1-D tensor of 20"):
+        torch.ops.fused_softmax.cross_entropy_bwd(g, x, y, torch.ones(10), stats, -100, 0.0, 0, 1.0, 0.0, 0.0, 0, 20)
+
+
+def test_backward_op_schema_and_fake_kernel():
+    x = torch.randn(12, 40)
+    y = torch.randint(0, 40, (12,))
+    _, stats = torch.ops.fused_softmax.cross_entropy_fwd(x, y, None, -100, 0.1, 0, 1.5, 3.0, 1e-3)
+    torch.library.opcheck(
+        torch.ops.fused_softmax.cross_entropy_bwd.default,
+        (torch.rand(12), x[:, 8:24].contiguous(), y, None, stats, -100, 0.1, 0, 1.5, 3.0, 1e-3, 8, 40),
+    )

@@ -166,7 +166,9 @@ struct Problem {
 
   const scalar_t* x;
   int64_t x_stride;
-  int64_t C;
+  int64_t C;           // columns of x
+  int64_t col0;        // x's columns are the classes [col0, col0 + C) (a block: backward only)
+  int64_t classes;     // of this many (C unless a block)
   const int64_t* y;    // class indices, or nullptr for probabilities
   const scalar_t* t;   // class probabilities, or nullptr
   int64_t t_stride;
@@ -177,12 +179,13 @@ struct Problem {
   acc_t z_loss;
   acc_t spread_index_mass;  // an index row's spread mass, eps / C * sum(w)
 
-  bool small() const { return y && C <= kMaxSmallClasses; }
+  bool small() const { return y && C <= kMaxSmallClasses && C == classes; }
   bool has_spread() const { return t || eps > 0; }
   bool ignored(int64_t i) const { return y && y[i] == ignore_index; }
   acc_t target_coef(int64_t cls) const { return (1 - eps) * (w ? w[cls] : acc_t(1)); }
+  // Row i's spread mass at x's columns (q.at(j) is class col0 + j).
   SpreadMass<acc_t, scalar_t> spread(int64_t i) const {
-    return {t ? t + i * t_stride : nullptr, w, 1 - eps, eps / static_cast<acc_t>(C)};
+    return {t ? t + i * t_stride + col0 : nullptr, w ? w + col0 : nullptr, 1 - eps, eps / static_cast<acc_t>(classes)};
   }
 
   // --- the row path -------------------------------------------------------------------------
@@ -251,15 +254,18 @@ struct Problem {
     const scalar_t* xi = x + i * x_stride;
     const SpreadMass<acc_t, scalar_t> q = spread(i);
     acc_t S = 0;
-    if (t) {
+    if (t) {  // summed over all the classes, not only x's
+      const SpreadMass<acc_t, scalar_t> whole{t + i * t_stride, w, q.a, q.b};
       Vec mass(0);
-      for (int64_t j = 0; j < C; j += K) mass += q.at(j, std::min(K, C - j));
+      for (int64_t j = 0; j < classes; j += K) mass += whole.at(j, std::min(K, classes - j));
       S = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, mass);
     } else {
       S = target_coef(y[i]) + spread_index_mass;
     }
     S += 2 * z_loss * stats.lse();
-    const acc_t x_y = y ? transform(static_cast<acc_t>(xi[y[i]])) : 0;  // read before dx may overwrite it
+    const int64_t y_col = y ? y[i] - col0 : -1;  // the target class's column in x, if it is one of x's
+    const bool y_here = y_col >= 0 && y_col < C;
+    const acc_t x_y = y_here ? transform(static_cast<acc_t>(xi[y_col])) : 0;  // read before dx may overwrite it
     const bool spread_on = has_spread();
     const Vec max(stats.max), log_sum(stats.log_sum), vg(g), vS(S);
     // A plain loop here: with for_each_vector's constant-width body the 16-bit stores ran 2x slower.
@@ -272,10 +278,10 @@ struct Problem {
       if constexpr (kTransformed) d = d * transform.slope(xj);
       store(dx + j, d, n);
     }
-    if (y) {  // the target class, recomputed in acc_t and rounded once: p_y * S - q_y nearly cancels
+    if (y_here) {  // the target class, recomputed in acc_t and rounded once: p_y * S - q_y nearly cancels
       const acc_t p_y = std::exp(stats.minus_lse(x_y));
       const acc_t q_y = target_coef(y[i]) + q.b * (w ? w[y[i]] : acc_t(1));
-      dx[y[i]] = static_cast<scalar_t>(g * (p_y * S - q_y) * transform.slope(x_y));
+      dx[y_col] = static_cast<scalar_t>(g * (p_y * S - q_y) * transform.slope(x_y));
     }
   }
 
@@ -463,9 +469,10 @@ void check_target_range_cpu(const at::Tensor& target64, int64_t C, int64_t ignor
 // weights (the CUDA kernels assert on the device instead: no host sync).
 PreparedArgs prepare_args_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
-  if (!p.probabilities) check_target_range_cpu(p.target, input.size(1), ignore_index);
+    int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t class_start = 0,
+    int64_t num_classes = 0) {
+  PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
+  if (!p.probabilities) check_target_range_cpu(p.target, p.num_classes, ignore_index);
   if (p.weight.defined()) {
     AT_DISPATCH_FLOATING_TYPES(p.weight.scalar_type(), "check_weight_cpu", [&] {
       const scalar_t* w = p.weight.const_data_ptr<scalar_t>();
@@ -487,6 +494,8 @@ Problem<scalar_t> make_problem(const PreparedArgs& p, int64_t ignore_index, doub
   P.x = p.input.const_data_ptr<scalar_t>();
   P.x_stride = p.input.stride(0);
   P.C = p.input.size(1);
+  P.col0 = p.class_start;
+  P.classes = p.num_classes;
   if (p.probabilities) {
     P.t = p.target.const_data_ptr<scalar_t>();
     P.t_stride = p.target.stride(0);
@@ -499,8 +508,8 @@ Problem<scalar_t> make_problem(const PreparedArgs& p, int64_t ignore_index, doub
   P.transform = {static_cast<acc_t>(o.logit_scale), static_cast<acc_t>(o.softcap),
                  o.logit_scale == 1.0 && o.softcap == 0.0};
   P.z_loss = static_cast<acc_t>(o.z_loss);
-  const acc_t w_sum = P.w ? std::accumulate(P.w, P.w + P.C, acc_t(0)) : static_cast<acc_t>(P.C);
-  P.spread_index_mass = P.eps / static_cast<acc_t>(P.C) * w_sum;
+  const acc_t w_sum = P.w ? std::accumulate(P.w, P.w + P.classes, acc_t(0)) : static_cast<acc_t>(P.classes);
+  P.spread_index_mass = P.eps / static_cast<acc_t>(P.classes) * w_sum;
   return P;
 }
 
@@ -589,9 +598,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cpu(
 at::Tensor cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss_, const at::Tensor& input_, const at::Tensor& target_,
     const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    int64_t class_start, int64_t num_classes) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction);
+  const PreparedArgs p =
+      prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction, class_start, num_classes);
   check_backward_args(grad_loss_, p.input, stats_, reduction);
   const int64_t N = p.input.size(0);
   const int64_t C = p.input.size(1);

@@ -159,7 +159,9 @@ struct KernelArgs {
   const scalar_t* x;
   int64_t x_stride;
   int64_t N;
-  int64_t C;
+  int64_t C;             // columns of x
+  int64_t col0;          // x's columns are the classes [col0, col0 + C) (a block: backward only)
+  int64_t classes;       // of this many (C unless a block)
   const int64_t* y;      // class indices, or nullptr
   const scalar_t* t;     // class probabilities, or nullptr
   int64_t t_stride;
@@ -204,7 +206,7 @@ struct RowTarget {
   acc_t target_coef; // (1 - eps) * w[y]: an index row's mass on its target class
 
   __device__ __forceinline__ RowTarget(const KernelArgs<scalar_t, acc_t>& a, int64_t i) {
-    spread = {nullptr, a.w, acc_t(1) - a.eps, a.eps / static_cast<acc_t>(a.C)};
+    spread = {nullptr, a.w, acc_t(1) - a.eps, a.eps / static_cast<acc_t>(a.classes)};  // at(c): class c
     target_coef = 0;
     y = -1;
     ignored = false;
@@ -220,8 +222,8 @@ struct RowTarget {
       return;
     }
     // A device-side assert, as torch's own kernels do; the printed condition names the argument.
-    CUDA_KERNEL_ASSERT(cls >= 0 && cls < a.C && "fused_softmax: target: class index out of range");
-    if (cls < 0 || cls >= a.C) {  // never read out of bounds, even if asserts are compiled out
+    CUDA_KERNEL_ASSERT(cls >= 0 && cls < a.classes && "fused_softmax: target: class index out of range");
+    if (cls < 0 || cls >= a.classes) {  // never read out of bounds, even if asserts are compiled out
       ignored = true;
       return;
     }
@@ -291,12 +293,12 @@ __global__ void __launch_bounds__(kBlock, 1) cross_entropy_bwd_kernel(
     scalar_t* out = dx + i * a.C;  // the gradient is contiguous
     const RowTarget<scalar_t, acc_t> target(a, i);
     acc_t S;  // the row's total target mass
-    if (a.t) {
+    if (a.t) {  // summed over all the classes, not only x's
       acc_t partial = 0;
-      for (int64_t c = lane; c < a.C; c += kThreads) partial += target.spread.at(c);
+      for (int64_t c = lane; c < a.classes; c += kThreads) partial += target.spread.at(c);
       S = group_sum<kThreads>(partial, smem);
     } else {
-      const acc_t spread_total = a.w_sum ? *a.w_sum : static_cast<acc_t>(a.C);
+      const acc_t spread_total = a.w_sum ? *a.w_sum : static_cast<acc_t>(a.classes);
       S = target.target_coef + target.spread.b * spread_total;
     }
     // An ignored row has no gradient, whatever grad_loss holds (it may be inf for an all-ignored mean).
@@ -308,7 +310,7 @@ __global__ void __launch_bounds__(kBlock, 1) cross_entropy_bwd_kernel(
       Pack<scalar_t, std::decay_t<decltype(pack)>::size> o;
 #pragma unroll
       for (int k = 0; k < pack.size; ++k) {
-        const int64_t c = col + k;
+        const int64_t c = a.col0 + col + k;  // the class of column col + k
         acc_t q = c == target.y ? target.target_coef : acc_t(0);
         if (target.has_spread) q += target.spread.at(c);
         // The target class is formed here in acc_t and rounded once: p_y * S - q_y nearly cancels.
@@ -344,6 +346,8 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
   a.x_stride = p.input.stride(0);
   a.N = p.input.size(0);
   a.C = p.input.size(1);
+  a.col0 = p.class_start;
+  a.classes = p.num_classes;
   if (p.probabilities) {
     a.t = p.target.const_data_ptr<scalar_t>();
     a.t_stride = p.target.stride(0);
@@ -352,7 +356,7 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
   }
   if (p.weight.defined()) {
     a.w = p.weight.const_data_ptr<acc_t>();
-    check_weight_kernel<<<1, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(a.w, a.C);
+    check_weight_kernel<<<1, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(a.w, a.classes);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   a.ignore_index = ignore_index;
@@ -485,9 +489,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
 at::Tensor cross_entropy_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
-    int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    int64_t reduction, double logit_scale, double softcap, double z_loss, int64_t class_start, int64_t num_classes) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
+  const PreparedArgs p =  // checks devices first
+      prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
   check_backward_args(grad_loss, p.input, stats, reduction);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
