@@ -29,6 +29,10 @@ def main() -> None:
         fused_softmax.cross_entropy(x, y, **options, **kwargs).backward()
         logits = x.detach().clone().requires_grad_(True) * 1.0  # non-leaf: the in-place gradient
         fused_softmax.cross_entropy(logits, y, inplace_backward=True, **options, **kwargs).backward()
+        # The backward op on a block of columns (linear cross-entropy's 16-bit weight gradient).
+        w = torch.randn(c, 16, device="cuda", dtype=dtype, requires_grad=True)
+        h = torch.randn(n, 16, device="cuda", dtype=dtype)
+        fused_softmax.linear_cross_entropy(h, w, y, chunk_size=2, **options).backward()
     torch.cuda.synchronize()
     print("sanitizer cases ran")
 
