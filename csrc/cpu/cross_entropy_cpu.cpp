@@ -51,11 +51,21 @@ inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
   }
 }
 
-// Stores the first n lanes, rounding to the output dtype once.
+// Stores the first n lanes, rounding to the output dtype once (to nearest even, as c10's scalar
+// conversions do).
 template <typename acc_t, typename scalar_t>
 inline void store(scalar_t* p, const Vectorized<acc_t>& v, int64_t n) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     v.store(p, n);
+#if defined(CPU_CAPABILITY_AVX512)
+  } else if constexpr (std::is_same_v<acc_t, float> && at::is_reduced_floating_point_v<scalar_t>) {
+    // 16 lanes rounded in registers and written with one (masked) 32-byte store: the scalar loop
+    // below cost more than the rest of the backward (ATen's Vectorized<BFloat16>::store(p, n) of
+    // half a vector goes through a stack copy).
+    const __m256i rounded = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v))
+                                                                     : at::vec::cvtfp32_fp16(__m512(v));
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), rounded);
+#endif
   } else {
     __at_align__ acc_t buf[Vectorized<acc_t>::size()];
     v.store(buf);
