@@ -174,6 +174,13 @@ TORCH_LIBRARY(fused_softmax, m) {
       "cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction, float logit_scale=1., float softcap=0., float z_loss=0.) "
       "-> (Tensor loss, Tensor stats)");
+  // The forward that also returns d loss / d input (for grad_loss = 1) in a new tensor, formed while
+  // each row is in cache: autograd's forward when input needs a gradient, on the CPU (its backward
+  // then only scales it).
+  m.def(
+      "cross_entropy_fwd_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction, float logit_scale=1., float softcap=0., float z_loss=0.) "
+      "-> (Tensor loss, Tensor stats, Tensor grad)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

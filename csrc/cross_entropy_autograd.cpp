@@ -23,6 +23,16 @@ std::tuple<at::Tensor, at::Tensor> call_fwd(
   return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd_grad(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
+    double z_loss) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fused_softmax::cross_entropy_fwd_grad", "")
+                       .typed<decltype(call_fwd_grad)>();
+  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+}
+
 std::tuple<at::Tensor, at::Tensor> call_fwd_inplace(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
@@ -62,15 +72,56 @@ void save_options(
 // The gradients of the inputs that have none (weight and the options).
 const variable_list kNoGrads(9);
 
+// Whether t is being traced (torch.compile's fake tensors, or a Python dispatch mode is active): then
+// no value can be read and the graph must stay functional.
+bool traced(const at::Tensor& t) {
+  return t.key_set().has(c10::DispatchKey::Python) || c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
+}
+
+// A (rows, classes) gradient formed for grad_loss = 1, scaled in place to grad_loss (per row for
+// reduction 'none'); skipped for the usual grad_loss of 1 when reading it costs no device sync and
+// it is a real value.
+at::Tensor scaled_in_place(at::Tensor grad, const at::Tensor& grad_loss, int64_t reduction) {
+  const bool unit =
+      !traced(grad_loss) && grad_loss.device().is_cpu() && grad_loss.numel() == 1 && grad_loss.item<double>() == 1.0;
+  if (unit) return grad;
+  // grad_loss as a column in its own (accumulation) dtype, so that each product rounds once.
+  const int64_t N = grad.size(0);
+  const at::Tensor g = reduction == kNone ? grad_loss.unsqueeze(1) : grad_loss.expand({N, 1});
+  if (traced(grad) || !grad.device().is_cpu() || grad.scalar_type() == g.scalar_type()) {
+    grad.mul_(g);
+    return grad;
+  }
+  // On the CPU a mixed-dtype mul_ first converts its whole operand to float32 (twice a 16-bit
+  // gradient's memory; 8.6 GB at 2^31 elements): a slice of rows at a time keeps that small.
+  const int64_t rows = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, grad.size(1)));
+  for (int64_t r = 0; r < N; r += rows) {
+    const int64_t n = std::min(rows, N - r);
+    grad.narrow(0, r, n).mul_(g.narrow(0, r, n));
+  }
+  return grad;
+}
+
+// With form_grad the forward also forms the input's gradient for grad_loss = 1 (one sweep over the
+// logits instead of two); the first backward scales it in place and hands it over, and a later one
+// (retain_graph) recomputes it from the saved logits.
 class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
  public:
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
       const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing, int64_t reduction,
-      double logit_scale, double softcap, double z_loss) {
+      double logit_scale, double softcap, double z_loss, bool form_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels below see plain tensors
-    auto [loss, stats] =
-        call_fwd(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    at::Tensor loss, stats;
+    if (form_grad) {
+      at::Tensor grad;
+      std::tie(loss, stats, grad) =
+          call_fwd_grad(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+      ctx->saved_data["formed_grad"] = grad;  // not a saved variable: backward hands it over
+    } else {
+      std::tie(loss, stats) =
+          call_fwd(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    }
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), stats});
     save_options(ctx, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
     ctx->mark_non_differentiable({stats});  // stats serve backward; they are not a result to train on
@@ -91,9 +142,14 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     const double softcap = ctx->saved_data["softcap"].toDouble();
     const double z_loss = ctx->saved_data["z_loss"].toDouble();
     const at::Tensor& grad_loss = grads[0];
-    variable_list out = kNoGrads;
+    variable_list out(10);  // one per forward argument; only input and target have gradients
     if (!grad_loss.defined()) return out;
-    if (ctx->needs_input_grad(0)) {
+    const auto formed = ctx->saved_data.find("formed_grad");
+    if (formed != ctx->saved_data.end() && formed->second.isTensor()) {
+      at::Tensor grad = formed->second.toTensor();
+      formed->second = c10::IValue();  // handed over (or dropped): a later backward recomputes
+      if (ctx->needs_input_grad(0)) out[0] = scaled_in_place(std::move(grad), grad_loss, reduction);
+    } else if (ctx->needs_input_grad(0)) {
       out[0] = call_bwd(
           grad_loss, input, target, weight, stats, ignore_index, eps, reduction, logit_scale, softcap, z_loss);
     }
@@ -148,18 +204,7 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
     variable_list out = kNoGrads;
     const at::Tensor& grad_loss = grads[0];
     if (!grad_loss.defined()) return out;
-    at::Tensor grad = ctx->get_saved_variables()[0];
-    // Scaled in place, one pass; skipped for the usual grad_loss of 1 when reading it costs no device
-    // sync and it is a real value (not a tensor that torch.compile is tracing).
-    const bool traced = grad_loss.key_set().has(c10::DispatchKey::Python) ||
-                        c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
-    const bool unit =
-        !traced && grad_loss.device().is_cpu() && grad_loss.numel() == 1 && grad_loss.item<double>() == 1.0;
-    if (!unit) {
-      const at::Tensor g = ctx->saved_data["reduction"].toInt() == kNone ? grad_loss.unsqueeze(1) : grad_loss;
-      grad.mul_(g);
-    }
-    out[0] = grad;
+    out[0] = scaled_in_place(ctx->get_saved_variables()[0], grad_loss, ctx->saved_data["reduction"].toInt());
     return out;
   }
 };
@@ -168,8 +213,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_autograd(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
+  // On the CPU the gradient is formed during the forward when one will be needed. Not on CUDA, where
+  // the two kernels cost the same either way and scaling by an unknown grad_loss would add a pass,
+  // nor while tracing (the traced graph keeps forward and backward apart).
+  const bool form_grad = at::GradMode::is_enabled() && input.requires_grad() && input.device().is_cpu() &&
+                         !traced(input);
   auto out = CrossEntropyFunction::apply(
-      input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+      input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, form_grad);
   return {out[0], out[1]};
 }
 

@@ -1,6 +1,6 @@
 """The compiled ops, their torch.library registrations, and the fallback.
 
-torch.ops.fused_softmax.cross_entropy_fwd / cross_entropy_bwd are defined in
+torch.ops.fused_softmax.cross_entropy_fwd / _bwd / _fwd_inplace / _fwd_grad are defined in
 csrc/cross_entropy.cpp; the dispatcher runs the CPU or CUDA kernel, and the
 forward's autograd is registered in C++ (csrc/cross_entropy_autograd.cpp). Here
 they get fake kernels (shapes only, so torch.compile can trace them). If the
@@ -128,6 +128,10 @@ if _C is not None:
 
     torch.library.register_fake("fused_softmax::cross_entropy_fwd_inplace")(_fwd_fake)
 
+    @torch.library.register_fake("fused_softmax::cross_entropy_fwd_grad")
+    def _fwd_grad_fake(input, *args):
+        return (*_fwd_fake(input, *args), input.new_empty(input.shape))
+
     @torch.library.register_fake("fused_softmax::cross_entropy_bwd")
     def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, *options):
         return input.new_empty(input.shape)
@@ -142,6 +146,11 @@ if _C is not None:
         @torch.library.register_kernel("fused_softmax::cross_entropy_fwd_inplace", "cuda")
         def _fwd_inplace_cuda_fallback(*args):
             return _reference_inplace_kernel(*args)
+
+        @torch.library.register_kernel("fused_softmax::cross_entropy_fwd_grad", "cuda")
+        def _fwd_grad_cuda_fallback(input, *args):
+            grad = input.detach().clone()
+            return (*_reference_inplace_kernel(grad, *args), grad)
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_bwd", "cuda")
         def _bwd_cuda_fallback(*args):

@@ -386,54 +386,70 @@ struct Problem {
 
   // --- rows [begin, end), either path ---------------------------------------------------------
 
-  void forward_rows(int64_t begin, int64_t end, acc_t* loss, RowStats<acc_t>* stats) const {
+  // Overwrites dx's row i (contiguous rows) if it is ignored (no gradient, whatever grad_loss
+  // holds) or NaN (the forward found a NaN row); returns whether it did.
+  bool mend_row(int64_t i, const RowStats<acc_t>* stats, scalar_t* dx) const {
+    scalar_t* dxi = dx + i * C;
+    if (ignored(i)) {
+      std::fill(dxi, dxi + C, scalar_t(0));
+    } else if (std::isnan(stats[i].log_sum)) {
+      std::fill(dxi, dxi + C, std::numeric_limits<scalar_t>::quiet_NaN());
+    } else {
+      return false;
+    }
+    return true;
+  }
+
+  // Row i's gradient into dx (contiguous rows), grad_loss g.
+  void backward_one_row(int64_t i, const RowStats<acc_t>* stats, acc_t g, scalar_t* dx) const {
+    if (mend_row(i, stats, dx)) return;
+    if (transform.identity) {
+      backward_row<false>(i, stats[i], g, dx + i * C);
+    } else {
+      backward_row<true>(i, stats[i], g, dx + i * C);
+    }
+  }
+
+  // A block's gradient (small C) into dx; buf holds the block's logits and is overwritten.
+  void backward_one_block(acc_t* buf, int64_t i0, int64_t rows, const RowStats<acc_t>* stats, const acc_t* g,
+                          int64_t g_stride, scalar_t* dx) const {
+    backward_block(buf, i0, rows, stats, g, g_stride);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
+    for (int64_t r = 0; r < rows; ++r) mend_row(i0 + r, stats, dx);
+  }
+
+  // Losses and stats of rows [begin, end). With dx, also each row's gradient for grad_loss
+  // unit_grad, right after its forward while the row (or block) is still in L1: one sweep over the
+  // logits. dx (contiguous rows) may be x itself: a row is read before it is written.
+  void forward_rows(int64_t begin, int64_t end, acc_t* loss, RowStats<acc_t>* stats, scalar_t* dx = nullptr,
+                    acc_t unit_grad = 1) const {
     if (small()) {
       __at_align__ acc_t buf[2][kMaxSmallClasses * K];
-      for_each_block(begin, end, buf, [&](int64_t i0, int64_t rows, const acc_t* block) {
+      for_each_block(begin, end, buf, [&](int64_t i0, int64_t rows, acc_t* block) {
         forward_block(block, i0, rows, loss, stats);
+        if (dx) backward_one_block(block, i0, rows, stats, &unit_grad, 0, dx);
       });
       return;
     }
     for (int64_t i = begin; i < end; ++i) {
       const acc_t m = row_max(x + i * x_stride);
       transform.identity ? forward_row<false>(i, m, loss, stats) : forward_row<true>(i, m, loss, stats);
+      if (dx) backward_one_row(i, stats, unit_grad, dx);
     }
   }
 
   // Row i's grad_loss is g[i * g_stride]. dx (contiguous rows) may be x itself.
   void backward_rows(int64_t begin, int64_t end, const RowStats<acc_t>* stats, const acc_t* g, int64_t g_stride,
                      scalar_t* dx) const {
-    // Overwrites row i if it is ignored (no gradient, whatever grad_loss holds) or NaN (the
-    // forward found a NaN row); returns whether it did.
-    auto mend_row = [&](int64_t i) {
-      scalar_t* dxi = dx + i * C;
-      if (ignored(i)) {
-        std::fill(dxi, dxi + C, scalar_t(0));
-      } else if (std::isnan(stats[i].log_sum)) {
-        std::fill(dxi, dxi + C, std::numeric_limits<scalar_t>::quiet_NaN());
-      } else {
-        return false;
-      }
-      return true;
-    };
     if (small()) {
       __at_align__ acc_t buf[2][kMaxSmallClasses * K];
       for_each_block(begin, end, buf, [&](int64_t i0, int64_t rows, acc_t* block) {
-        backward_block(block, i0, rows, stats, g, g_stride);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(block[c * K + r]);
-        for (int64_t r = 0; r < rows; ++r) mend_row(i0 + r);
+        backward_one_block(block, i0, rows, stats, g, g_stride, dx);
       });
       return;
     }
-    for (int64_t i = begin; i < end; ++i) {
-      if (mend_row(i)) continue;
-      if (transform.identity) {
-        backward_row<false>(i, stats[i], g[i * g_stride], dx + i * C);
-      } else {
-        backward_row<true>(i, stats[i], g[i * g_stride], dx + i * C);
-      }
-    }
+    for (int64_t i = begin; i < end; ++i) backward_one_row(i, stats, g[i * g_stride], dx);
   }
 };
 
@@ -554,14 +570,18 @@ double mean_divisor_cpu(const PreparedArgs& p, int64_t ignore_index) {
   });
 }
 
-// The forward; with in_place it also overwrites input with d loss / d input for grad_loss = 1,
-// each chunk of rows right after its forward, while the chunk is still in cache.
-std::tuple<at::Tensor, at::Tensor> forward_cpu(
+// Where the forward also writes d loss / d input for grad_loss = 1: nowhere, over input itself
+// (the in-place op), or into a new tensor (cross_entropy_fwd_grad).
+enum class GradTo { kNowhere, kInput, kNew };
+
+// The forward; with a gradient, each chunk of rows' gradient is written right after the chunk's
+// forward, while its rows are still in cache. Returns (loss, stats, grad or undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, const LogitOptions& options, bool in_place) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, const LogitOptions& options, GradTo grad_to) {
   const PreparedArgs p = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction);
   TORCH_CHECK(
-      !in_place || p.input.is_same(input_) && input_.is_contiguous(),
+      grad_to != GradTo::kInput || p.input.is_same(input_) && input_.is_contiguous(),
       "fused_softmax: input: the in-place gradient needs contiguous (rows, classes) logits, got strides ",
       input_.strides());
   const int64_t N = p.input.size(0);
@@ -569,6 +589,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
   const auto acc = accumulate_type(p.input.scalar_type());
   at::Tensor loss = at::empty({N}, p.input.options().dtype(acc));
   at::Tensor stats = at::empty({N, 2}, p.input.options().dtype(acc));
+  at::Tensor grad = grad_to == GradTo::kInput ? input_
+                    : grad_to == GradTo::kNew ? empty_for_gradient({N, C}, p.input.options())
+                                              : at::Tensor();
   at::Tensor reduced;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cpu", [&] {
@@ -577,17 +600,17 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     acc_t* loss_out = loss.data_ptr<acc_t>();
     auto* stats_out = reinterpret_cast<RowStats<acc_t>*>(stats.data_ptr<acc_t>());
     const double divisor = reduction == kMean ? mean_divisor_cpu<acc_t>(p, ignore_index) : 1.0;
-    const acc_t unit_grad = static_cast<acc_t>(1.0 / divisor);  // the in-place gradient's grad_loss
+    const acc_t unit_grad = static_cast<acc_t>(1.0 / divisor);  // the gradient's grad_loss
+    scalar_t* dx = grad.defined() ? grad.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      P.forward_rows(begin, end, loss_out, stats_out);
-      if (in_place) P.backward_rows(begin, end, stats_out, &unit_grad, 0, p.input.data_ptr<scalar_t>());
+      P.forward_rows(begin, end, loss_out, stats_out, dx, unit_grad);
     });
     if (reduction != kNone) {
       const double total = ordered_sum(N, [&](int64_t i) { return static_cast<double>(loss_out[i]); });
       reduced = at::scalar_tensor(total / divisor, p.input.options().dtype(acc));  // 0 / 0 = nan, as torch
     }
   });
-  return {reduction == kNone ? loss : reduced, stats};
+  return {reduction == kNone ? loss : reduced, stats, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
@@ -595,14 +618,26 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  return forward_cpu(input, target, weight, ignore_index, label_smoothing, reduction, options, false);
+  auto [loss, stats, _] =
+      forward_cpu(input, target, weight, ignore_index, label_smoothing, reduction, options, GradTo::kNowhere);
+  return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cpu(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  return forward_cpu(input, target, weight, ignore_index, label_smoothing, reduction, options, true);
+  auto [loss, stats, _] =
+      forward_cpu(input, target, weight, ignore_index, label_smoothing, reduction, options, GradTo::kInput);
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
+    double z_loss) {
+  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  return forward_cpu(input, target, weight, ignore_index, label_smoothing, reduction, options, GradTo::kNew);
 }
 
 at::Tensor cross_entropy_bwd_cpu(
@@ -649,6 +684,7 @@ TORCH_LIBRARY_IMPL(fused_softmax, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
   m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_cpu);
+  m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_cpu);
 }
 
 }  // namespace fused_softmax

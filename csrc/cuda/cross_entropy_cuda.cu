@@ -465,8 +465,20 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
   return forward_cuda(p, ignore_index, label_smoothing, reduction, options);
 }
 
-// The forward, then the backward for grad_loss = 1 written over input. Each kernel reads the
-// rows once; the backward's writes land where it has just read.
+// The forward, then the backward for grad_loss = 1 into dx. Each kernel reads the rows once.
+std::tuple<at::Tensor, at::Tensor> forward_and_unit_grad_cuda(
+    const PreparedArgs& p, int64_t ignore_index, double label_smoothing, int64_t reduction,
+    const LogitOptions& options, const at::Tensor& dx) {
+  auto result = forward_cuda(p, ignore_index, label_smoothing, reduction, options);
+  if (p.input.size(0) > 0) {
+    const auto options_f = p.input.options().dtype(at::kFloat);
+    const at::Tensor unit = reduction == kNone ? at::ones({p.input.size(0)}, options_f) : at::ones({}, options_f);
+    launch_bwd(p, unit, std::get<1>(result), ignore_index, label_smoothing, reduction, options, dx);
+  }
+  return result;
+}
+
+// The in-place op: the backward's writes land where it has just read.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
@@ -477,13 +489,19 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
       "fused_softmax: input: the in-place gradient needs contiguous (rows, classes) logits, got strides ",
       input.strides());
   const c10::cuda::CUDAGuard device_guard(input.device());
-  auto result = forward_cuda(p, ignore_index, label_smoothing, reduction, options);
-  if (input.size(0) > 0) {
-    const at::Tensor unit = reduction == kNone ? at::ones({input.size(0)}, input.options().dtype(at::kFloat))
-                                               : at::ones({}, input.options().dtype(at::kFloat));
-    launch_bwd(p, unit, std::get<1>(result), ignore_index, label_smoothing, reduction, options, input);
-  }
-  return result;
+  return forward_and_unit_grad_cuda(p, ignore_index, label_smoothing, reduction, options, input);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
+    double z_loss) {
+  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
+  auto [loss, stats] = forward_and_unit_grad_cuda(p, ignore_index, label_smoothing, reduction, options, grad);
+  return {loss, stats, grad};
 }
 
 at::Tensor cross_entropy_bwd_cuda(
@@ -506,6 +524,7 @@ TORCH_LIBRARY_IMPL(fused_softmax, CUDA, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
   m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_cuda);
+  m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_cuda);
 }
 
 }  // namespace fused_softmax
