@@ -118,6 +118,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            fused_softmax.empty_cache()  # the kernel's kept gradient memory would hide the gradient's own
             try:
                 Path("/proc/self/clear_refs").write_text("5")
                 self.base = self._status("VmRSS")

@@ -192,6 +192,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether the CUDA kernels were compiled into this build.");
+  m.def("empty_cache", &fused_softmax::empty_cache,
+        "Return the CPU kernel's cached gradient memory to the system.");
   m.def("cpu_capability", [] {
 #if defined(CPU_CAPABILITY_AVX512)
     return "avx512";

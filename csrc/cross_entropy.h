@@ -78,4 +78,8 @@ PreparedArgs prepare_args(
     int64_t class_start = 0,
     int64_t num_classes = 0);
 
+// Returns the CPU kernel's cached gradient memory (the last large gradient's mapping, kept for the
+// next one) to the system.
+void empty_cache();
+
 }  // namespace fused_softmax

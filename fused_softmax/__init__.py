@@ -6,10 +6,18 @@ fused_softmax.distributed.vocab_parallel_cross_entropy  # classes split over ran
 """
 
 from . import distributed
-from ._ops import backend
+from ._ops import backend, empty_cache
 from .functional import CrossEntropyOutput, cross_entropy
 from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "CrossEntropyOutput", "backend", "cross_entropy", "distributed", "linear_cross_entropy"]
+__all__ = [
+    "CrossEntropyLoss",
+    "CrossEntropyOutput",
+    "backend",
+    "cross_entropy",
+    "distributed",
+    "empty_cache",
+    "linear_cross_entropy",
+]
 __version__ = "0.1.0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import assert_matches_torch
@@ -77,4 +79,32 @@ def test_gradient_large_enough_for_huge_pages_is_an_ordinary_tensor():
     assert grad.is_contiguous() and grad.shape == x.shape
     assert not grad.untyped_storage().resizable()  # it did come from the kernel's own mapping (Linux)
     torch.testing.assert_close(grad.clone().mul_(2).sub_(grad), grad)
-    del grad  # unmapped here; nothing else refers to it
+    del grad  # its mapping is kept for the next gradient
+    # The next gradient that fits reuses the freed one's memory; two live gradients never share it.
+    g1 = torch.autograd.grad(fused_softmax.cross_entropy(x, y), x)[0]
+    g2 = torch.autograd.grad(fused_softmax.cross_entropy(x, y, reduction="sum"), x)[0]
+    assert g1.data_ptr() != g2.data_ptr()
+    torch.testing.assert_close(g1 * x.shape[0], g2, rtol=1e-5, atol=1e-6)
+    reused = g2.data_ptr()
+    del g2
+    g3 = torch.autograd.grad(fused_softmax.cross_entropy(x, y), x)[0]
+    assert g3.data_ptr() == reused
+    torch.testing.assert_close(g3, g1, rtol=0, atol=0)
+
+
+def resident_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
+def test_empty_cache_returns_the_kept_gradient_memory():
+    x = torch.randn(4096, 4096, requires_grad=True)  # a 64 MiB gradient
+    y = torch.randint(0, 4096, (4096,))
+    grad = torch.autograd.grad(fused_softmax.cross_entropy(x, y), x)[0]
+    del grad  # kept, still resident
+    before = resident_mib()
+    fused_softmax.empty_cache()
+    assert before - resident_mib() > 48, (before, resident_mib())
