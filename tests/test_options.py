@@ -172,13 +172,17 @@ def test_gradient_formed_in_the_forward_is_the_backward_ops(dtype, reduction):
     assert "fused_softmax::cross_entropy_fwd_grad" not in {e.key for e in prof.key_averages()}
 
 
-def test_forward_with_gradient_op_schema_and_fake_kernel():
-    x = torch.randn(12, 40)
-    y = torch.randint(0, 40, (12,))
+def test_forward_with_gradient_op_schema_and_fake_kernel(device):
+    x = torch.randn(12, 40, device=device)
+    y = torch.randint(0, 40, (12,), device=device)
+    ops = torch.ops.fused_softmax
     for reduction in (0, 1, 2):
-        torch.library.opcheck(
-            torch.ops.fused_softmax.cross_entropy_fwd_grad.default, (x, y, None, -100, 0.1, reduction, 1.5, 3.0, 1e-3)
-        )
+        args = (x, y, None, -100, 0.1, reduction, 1.5, 3.0, 1e-3)
+        torch.library.opcheck(ops.cross_entropy_fwd_grad.default, args)
+        # Its gradient is the backward op's for grad_loss = 1 (the CUDA one runs the two kernels).
+        loss, stats, grad = ops.cross_entropy_fwd_grad(*args)
+        unit = torch.ones_like(loss)
+        assert torch.equal(grad, ops.cross_entropy_bwd(unit, x, y, None, stats, -100, 0.1, reduction, 1.5, 3.0, 1e-3))
 
 
 # --- inplace_backward -----------------------------------------------------------------------------
