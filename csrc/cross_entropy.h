@@ -27,9 +27,11 @@
 // value over the rows. Losses and sums are in the accumulation dtype.
 //
 // The forward saves, per row, stats = (max, log_sum) in the accumulation dtype
-// rather than their sum lse: backward forms x - lse as (x - max) - log_sum,
-// exact where it matters (x near the max). A rounded lse would be off by half
-// its ulp (5e-4 at logits near 1e4) and every probability with it.
+// rather than their sum lse: backward forms exp(x - lse) from x - max, exact
+// where it matters (x near the max), and log_sum (the CPU kernel as
+// exp(x - max) * exp(-log_sum), so the forward's own exp(x - max) can serve
+// its fused backward). A rounded lse would be off by half its ulp (5e-4 at
+// logits near 1e4) and every probability with it.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <type_traits>
@@ -169,6 +170,10 @@ struct RowStats {
 // horizontal reductions; across lanes they are plain vertical operations.
 constexpr int64_t kMaxSmallClasses = 32;
 
+// A row's exp(x - max) is kept for its backward (the fused sweep) up to this size: 128K classes in
+// float32, which with the row itself still fits a 1 MiB L2.
+constexpr int64_t kMaxKeptExpBytes = int64_t(512) << 10;
+
 // Everything both passes read, for rows [0, N) of a (N, C) problem.
 template <typename scalar_t>
 struct Problem {
@@ -223,9 +228,10 @@ struct Problem {
     }
   }
 
-  // Pass 2 of the forward: stats and loss of row i, given its max m.
+  // Pass 2 of the forward: stats and loss of row i, given its max m. With e, exp(x_c - m) is kept
+  // there for the backward of the same row (one exp per element for both).
   template <bool kTransformed>
-  void forward_row(int64_t i, acc_t m, acc_t* loss, RowStats<acc_t>* stats) const {
+  void forward_row(int64_t i, acc_t m, acc_t* loss, RowStats<acc_t>* stats, acc_t* e = nullptr) const {
     const scalar_t* xi = x + i * x_stride;
     const SpreadMass<acc_t, scalar_t> q = spread(i);
     const bool spread_on = has_spread();
@@ -233,7 +239,9 @@ struct Problem {
     Vec sum_exp(0), mass(0), mass_dot(0);
     for_each_vector<K>(C, [&](int64_t j, auto n) {
       const Vec xm = Vec::set(zero, logits<kTransformed>(xi, j, n) - Vec(m), n);  // past the row: 0, not inf
-      sum_exp += Vec::set(zero, vexp<scalar_t>(xm), n);
+      const Vec ej = vexp<scalar_t>(xm);
+      sum_exp += Vec::set(zero, ej, n);
+      if (e) ej.store(e + j, n);
       if (spread_on) {
         const Vec qj = q.at(j, n);
         mass += qj;
@@ -260,9 +268,10 @@ struct Problem {
   }
 
   // dx_c = g * (exp(x_c - lse) * S - q_c) * dx_c/dr_c for row i, with S its total target mass
-  // (plus 2 z lse). dx may be x itself: each element is read before it is written.
-  template <bool kTransformed>
-  void backward_row(int64_t i, RowStats<acc_t> stats, acc_t g, scalar_t* dx) const {
+  // (plus 2 z lse). dx may be x itself: each element is read before it is written. kFromExp: e holds
+  // the forward's exp(x_c - max) for this row, so p_c = e_c * exp(-log_sum) needs no exp.
+  template <bool kTransformed, bool kFromExp>
+  void backward_row(int64_t i, RowStats<acc_t> stats, acc_t g, scalar_t* dx, const acc_t* e) const {
     const scalar_t* xi = x + i * x_stride;
     const SpreadMass<acc_t, scalar_t> q = spread(i);
     acc_t S = 0;
@@ -279,15 +288,22 @@ struct Problem {
     const bool y_here = y_col >= 0 && y_col < C;
     const acc_t x_y = y_here ? transform(static_cast<acc_t>(xi[y_col])) : 0;  // read before dx may overwrite it
     const bool spread_on = has_spread();
-    const Vec max(stats.max), log_sum(stats.log_sum), vg(g), vS(S);
+    const Vec max(stats.max), vg(g), vS(S);
+    const Vec inv_sum(std::exp(-stats.log_sum));  // 1 / sum_c exp(x_c - max)
     // A plain loop here: with for_each_vector's constant-width body the 16-bit stores ran 2x slower.
     for (int64_t j = 0; j < C; j += K) {
       const int64_t n = std::min(K, C - j);
-      const Vec xj = logits<kTransformed>(xi, j, n);
-      Vec d = vexp<scalar_t>((xj - max) - log_sum) * vS;
+      Vec d;
+      // p_c = exp(x_c - max) / sum, the same arithmetic with or without e: backward is reentrant
+      // (a recomputed gradient has the forward-formed one's bits).
+      if constexpr (kFromExp) {
+        d = Vec::loadu(e + j, n) * inv_sum * vS;
+      } else {
+        d = vexp<scalar_t>(logits<kTransformed>(xi, j, n) - max) * inv_sum * vS;
+      }
       if (spread_on) d = d - q.at(j, n);
       d = vg * d;
-      if constexpr (kTransformed) d = d * transform.slope(xj);
+      if constexpr (kTransformed) d = d * transform.slope(logits<kTransformed>(xi, j, n));
       store(dx + j, d, n);
     }
     if (y_here) {  // the target class, recomputed in acc_t and rounded once: p_y * S - q_y nearly cancels
@@ -309,15 +325,19 @@ struct Problem {
       for (int64_t c = 0; c < C; ++c) transform(Vec::loadu(buf + c * K)).store(buf + c * K);
   }
 
-  // Losses and stats of a block, the same math as forward_row, lane-wise.
-  void forward_block(const acc_t* buf, int64_t i0, int64_t rows, acc_t* loss, RowStats<acc_t>* stats) const {
+  // Losses and stats of a block, the same math as forward_row, lane-wise. With e, each class's
+  // exp(x - max) is kept there (e[c * K + r]) for the block's backward.
+  void forward_block(const acc_t* buf, int64_t i0, int64_t rows, acc_t* loss, RowStats<acc_t>* stats,
+                     acc_t* e = nullptr) const {
     const acc_t b = eps / static_cast<acc_t>(C);
     Vec m(-std::numeric_limits<acc_t>::infinity());
     for (int64_t c = 0; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(buf + c * K));
     Vec sum_exp(0), mass(0), mass_dot(0);
     for (int64_t c = 0; c < C; ++c) {
       const Vec xm = Vec::loadu(buf + c * K) - m;
-      sum_exp += vexp<scalar_t>(xm);
+      const Vec ec = vexp<scalar_t>(xm);
+      sum_exp += ec;
+      if (e) ec.store(e + c * K);
       if (eps > 0) {  // label smoothing spreads b * w_c on every class
         const Vec q(w ? b * w[c] : b);
         mass += q;
@@ -347,8 +367,9 @@ struct Problem {
 
   // The backward of a block, in place in buf: g * (p_c * S - q_c) * slope, the target class
   // included, so it is rounded once. Ignored and NaN rows are left for the caller to overwrite.
+  // e: forward_block's kept exps, or nullptr (p_c has the same bits either way, as in backward_row).
   void backward_block(acc_t* buf, int64_t i0, int64_t rows, const RowStats<acc_t>* stats, const acc_t* g,
-                      int64_t g_stride) const {
+                      int64_t g_stride, const acc_t* e = nullptr) const {
     const acc_t b = eps / static_cast<acc_t>(C);
     __at_align__ acc_t max[K] = {}, log_sum[K] = {}, S[K] = {}, gl[K] = {}, coef[K] = {}, cls[K];
     std::fill(cls, cls + K, acc_t(-1));
@@ -362,13 +383,15 @@ struct Problem {
       gl[r] = g[i * g_stride];
       cls[r] = static_cast<acc_t>(y[i]);  // exact: C <= kMaxSmallClasses
     }
-    const Vec vmax = Vec::loadu(max), vlog_sum = Vec::loadu(log_sum), vS = Vec::loadu(S), vg = Vec::loadu(gl);
+    const Vec vmax = Vec::loadu(max), vS = Vec::loadu(S), vg = Vec::loadu(gl);
+    const Vec inv_sum = vexp<scalar_t>(Vec(0) - Vec::loadu(log_sum));  // 1 / sum_c exp(x_c - max), per lane
     const Vec vcoef = Vec::loadu(coef), vcls = Vec::loadu(cls);
     for (int64_t c = 0; c < C; ++c) {
       Vec q = Vec::blendv(Vec(0), vcoef, vcls == Vec(static_cast<acc_t>(c)));
       if (eps > 0) q += Vec(w ? b * w[c] : b);
       const Vec xc = Vec::loadu(buf + c * K);
-      Vec d = vg * (vexp<scalar_t>((xc - vmax) - vlog_sum) * vS - q);
+      const Vec ec = e ? Vec::loadu(e + c * K) : vexp<scalar_t>(xc - vmax);
+      Vec d = vg * (ec * inv_sum * vS - q);
       if (!transform.identity) d = d * transform.slope(xc);
       d.store(buf + c * K);
     }
@@ -402,20 +425,23 @@ struct Problem {
     return true;
   }
 
-  // Row i's gradient into dx (contiguous rows), grad_loss g.
-  void backward_one_row(int64_t i, const RowStats<acc_t>* stats, acc_t g, scalar_t* dx) const {
+  // Row i's gradient into dx (contiguous rows), grad_loss g; e: see backward_row (or nullptr).
+  void backward_one_row(int64_t i, const RowStats<acc_t>* stats, acc_t g, scalar_t* dx,
+                        const acc_t* e = nullptr) const {
     if (mend_row(i, stats, dx)) return;
+    scalar_t* dxi = dx + i * C;
     if (transform.identity) {
-      backward_row<false>(i, stats[i], g, dx + i * C);
+      e ? backward_row<false, true>(i, stats[i], g, dxi, e) : backward_row<false, false>(i, stats[i], g, dxi, e);
     } else {
-      backward_row<true>(i, stats[i], g, dx + i * C);
+      e ? backward_row<true, true>(i, stats[i], g, dxi, e) : backward_row<true, false>(i, stats[i], g, dxi, e);
     }
   }
 
-  // A block's gradient (small C) into dx; buf holds the block's logits and is overwritten.
+  // A block's gradient (small C) into dx; buf holds the block's logits and is overwritten. e: see
+  // backward_block.
   void backward_one_block(acc_t* buf, int64_t i0, int64_t rows, const RowStats<acc_t>* stats, const acc_t* g,
-                          int64_t g_stride, scalar_t* dx) const {
-    backward_block(buf, i0, rows, stats, g, g_stride);
+                          int64_t g_stride, scalar_t* dx, const acc_t* e = nullptr) const {
+    backward_block(buf, i0, rows, stats, g, g_stride, e);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < C; ++c) dx[(i0 + r) * C + c] = static_cast<scalar_t>(buf[c * K + r]);
     for (int64_t r = 0; r < rows; ++r) mend_row(i0 + r, stats, dx);
@@ -428,16 +454,20 @@ struct Problem {
                     acc_t unit_grad = 1) const {
     if (small()) {
       __at_align__ acc_t buf[2][kMaxSmallClasses * K];
+      __at_align__ acc_t e[kMaxSmallClasses * K];
       for_each_block(begin, end, buf, [&](int64_t i0, int64_t rows, acc_t* block) {
-        forward_block(block, i0, rows, loss, stats);
-        if (dx) backward_one_block(block, i0, rows, stats, &unit_grad, 0, dx);
+        forward_block(block, i0, rows, loss, stats, dx ? e : nullptr);
+        if (dx) backward_one_block(block, i0, rows, stats, &unit_grad, 0, dx, e);
       });
       return;
     }
+    // With dx, the row's exp(x - max) is kept for its backward while it fits in L2 with the row.
+    std::unique_ptr<acc_t[]> e;
+    if (dx && C * static_cast<int64_t>(sizeof(acc_t)) <= kMaxKeptExpBytes) e.reset(new acc_t[C]);
     for (int64_t i = begin; i < end; ++i) {
       const acc_t m = row_max(x + i * x_stride);
-      transform.identity ? forward_row<false>(i, m, loss, stats) : forward_row<true>(i, m, loss, stats);
-      if (dx) backward_one_row(i, stats, unit_grad, dx);
+      transform.identity ? forward_row<false>(i, m, loss, stats, e.get()) : forward_row<true>(i, m, loss, stats, e.get());
+      if (dx) backward_one_row(i, stats, unit_grad, dx, e.get());
     }
   }
 
