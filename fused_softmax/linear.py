@@ -145,7 +145,7 @@ class _Gradients:
 
     def result(self, rows_grad: Tensor, chunk: int, saved: tuple, ignore_index: int, eps: float, options) -> tuple:
         """(input, weight, bias) gradients; rows_grad: each row's grad_output; chunk: rows per chunk."""
-        input, linear_weight, linear_bias, target, weight, stats = saved[:6]
+        input, linear_weight, linear_bias, target, weight, stats = saved
         weight_grad = self.weight
         if self.by_classes:
             n, classes = input.shape[0], linear_weight.shape[0]

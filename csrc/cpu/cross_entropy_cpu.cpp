@@ -305,17 +305,19 @@ struct Problem {
     // A plain loop here: with for_each_vector's constant-width body the 16-bit stores ran 2x slower.
     for (int64_t j = 0; j < C; j += K) {
       const int64_t n = std::min(K, C - j);
+      Vec xj;  // the logits, read (and transformed, a tanh with a softcap) once, where needed
+      if constexpr (!kFromExp || kTransformed) xj = logits<kTransformed>(xi, j, n);
       Vec d;
       // p_c = exp(x_c - max) / sum, the same arithmetic with or without e: backward is reentrant
       // (a recomputed gradient has the forward-formed one's bits).
       if constexpr (kFromExp) {
         d = Vec::loadu(e + j, n) * inv_sum * vS;
       } else {
-        d = vexp<scalar_t>(logits<kTransformed>(xi, j, n) - max) * inv_sum * vS;
+        d = vexp<scalar_t>(xj - max) * inv_sum * vS;
       }
       if (spread_on) d = d - q.at(j, n);
       d = vg * d;
-      if constexpr (kTransformed) d = d * transform.slope(logits<kTransformed>(xi, j, n));
+      if constexpr (kTransformed) d = d * transform.slope(xj);
       store(dx + j, d, n);
     }
     if (y_here) {  // the target class, recomputed in acc_t and rounded once: p_y * S - q_y nearly cancels
