@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_matches_torch
 
 import fused_softmax
@@ -43,6 +44,32 @@ def test_row_of_minus_inf_is_nan_and_confined(device):
     x = torch.randn(3, 5, device=device)
     x[1] = float("-inf")
     assert_matches_torch(x, torch.tensor([0, 1, 2], device=device), reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_small_classes_block_mixing_ignored_nan_and_strided_grad(device, dtype):
+    # C <= 32 runs many rows per vector: one block holds ignored, NaN, -inf and ordinary rows, and
+    # grad_output reaches the backward strided (a column of stack's gradient).
+    x = torch.randn(37, 10, device=device)
+    y = torch.randint(0, 10, (37,), device=device)
+    y[[2, 5, 20]] = -100
+    x[3, 4], x[5, 1], x[7] = float("nan"), float("nan"), float("-inf")  # row 5 is NaN and ignored
+    kwargs = dict(weight=torch.rand(10, device=device).to(dtype) + 0.5, label_smoothing=0.1, reduction="none")
+
+    def loss_and_grad(fn):
+        h = x.to(dtype).clone().requires_grad_(True)
+        loss = fn(h, y, **kwargs)
+        cotangent = torch.arange(1.0, 75.0, device=device).view(37, 2)
+        (torch.stack([loss, 2 * loss.detach()], 1) * cotangent).sum().backward()
+        return loss.detach(), h.grad
+
+    (loss, grad), (torch_loss, torch_grad) = loss_and_grad(fused_softmax.cross_entropy), loss_and_grad(F.cross_entropy)
+    assert torch.equal(grad[5], torch.zeros_like(grad[5]))  # ignored: no gradient, though torch's is NaN there
+    assert grad[[3, 7]].isnan().all()
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(loss, torch_loss, equal_nan=True, **tolerance)
+    kept = torch.arange(37, device=device) != 5
+    torch.testing.assert_close(grad[kept], torch_grad[kept], equal_nan=True, **tolerance)
 
 
 @pytest.mark.parametrize("shape", [(4096, 1000), (65536, 10), (64, 32000)])
