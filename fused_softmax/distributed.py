@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops
-from .functional import check_options
+from .functional import check_options, loss_dtype
 from .reference import REDUCTIONS, accumulate_dtype, mean_divisor, transform
 
 
@@ -140,7 +140,7 @@ def vocab_parallel_cross_entropy(
         loss = loss.sum()
     elif reduction == "mean":
         loss = loss.sum() / mean_divisor(target, weight, ignore_index, loss.dtype)
-    return loss.to(local_logits.dtype)
+    return loss.to(loss_dtype(local_logits))
 
 
 __all__ = ["vocab_parallel_cross_entropy"]

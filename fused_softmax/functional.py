@@ -47,7 +47,9 @@ def cross_entropy(
     input (C), (N, C) or (N, C, d1, ..., dk); target class indices (int64 or
     int32) of shape (), (N) or (N, d1, ..., dk), or class probabilities of
     input's shape. The loss is accumulated in float32 for float16/bfloat16
-    input and returned in input's dtype.
+    input and returned in the dtype torch returns (see loss_dtype); under
+    torch.autocast that is float32, without the float32 copy of the logits
+    that torch makes there.
 
     Beyond torch (keyword-only, all off by default):
       z_loss: adds z_loss * lse^2 per row (PaLM's auxiliary loss; ignored rows add nothing).
@@ -72,7 +74,8 @@ def cross_entropy(
     )  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(rows_shape)
-    loss = _as_dtype(loss, input.dtype)  # 'mean' with every target ignored: 0 / 0 = nan, as in torch
+    out_dtype = loss_dtype(input, target)
+    loss = _as_dtype(loss, out_dtype)  # 'mean' with every target ignored: 0 / 0 = nan, as in torch
     if not (return_lse or return_z_loss):
         return loss
     lse = stats.sum(1)
@@ -84,8 +87,20 @@ def cross_entropy(
             z_part = z_part.sum()
             if reduction == "mean":
                 z_part = z_part / mean_divisor(target_rows, weight, ignore_index, z_part.dtype)
-        z_part = _as_dtype(z_part.reshape(rows_shape) if reduction == "none" else z_part, input.dtype)
+        z_part = _as_dtype(z_part.reshape(rows_shape) if reduction == "none" else z_part, out_dtype)
     return CrossEntropyOutput(loss, lse.reshape(rows_shape) if return_lse else None, z_part)
+
+
+def loss_dtype(logits: Tensor, target: Tensor | None = None) -> torch.dtype:
+    """The dtype torch's cross-entropy returns: the logits', but float32 for float16/bfloat16 logits under
+    torch.autocast (which runs cross-entropy in float32), and with class probabilities the dtype the
+    logits' and the target's promote to."""
+    dtype = logits.dtype
+    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(logits.device.type):
+        dtype = torch.float32
+    if target is not None and target.is_floating_point():
+        dtype = torch.promote_types(dtype, target.dtype)
+    return dtype
 
 
 def check_options(caller: str, z_loss: float, softcap: float | None, logit_scale: float) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .functional import cross_entropy
+from .functional import cross_entropy, loss_dtype
 from .reference import REDUCTIONS, accumulate_dtype, mean_divisor
 
 # A chunk of rows' logits takes about this many bytes unless chunk_size says otherwise.
@@ -63,6 +63,12 @@ def linear_cross_entropy(
             z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
         )  # fmt: skip
 
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):  # as autocast runs F.linear: in its dtype (float64 stays)
+        low = torch.get_autocast_dtype(device_type)
+        input, linear_weight, linear_bias = (
+            t if t is None or t.dtype == torch.float64 else t.to(low) for t in (input, linear_weight, linear_bias)
+        )
     unbatched = input.dim() == 1
     rows = input.unsqueeze(0) if unbatched else input
     rows_target = target.unsqueeze(0) if unbatched else target
@@ -90,21 +96,23 @@ def linear_cross_entropy(
             logit_scale=logit_scale,
         )
     chunk = chunk_size or _power_of_two_at_most(_CHUNK_BYTES // (max(1, linear_weight.shape[0]) * input.element_size()))
-    loss = _LinearCrossEntropy.apply(
-        rows,
-        linear_weight,
-        linear_bias,
-        rows_target,
-        weight,
-        ignore_index,
-        label_smoothing,
-        REDUCTIONS.index(reduction),
-        chunk,
-        (float(logit_scale), float(softcap or 0.0), float(z_loss)),
-    )
+    out_dtype = loss_dtype(input, target)  # float32 under autocast, as its F.cross_entropy returns
+    with torch.autocast(device_type, enabled=False):  # the chunks' matmuls in the dtype cast above
+        loss = _LinearCrossEntropy.apply(
+            rows,
+            linear_weight,
+            linear_bias,
+            rows_target,
+            weight,
+            ignore_index,
+            label_smoothing,
+            REDUCTIONS.index(reduction),
+            chunk,
+            (float(logit_scale), float(softcap or 0.0), float(z_loss)),
+        )
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
-    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+    return loss if loss.dtype == out_dtype else loss.to(out_dtype)
 
 
 def _linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, buffer: Tensor) -> Tensor:

@@ -105,6 +105,10 @@ def test_one_rank_is_the_op_and_bad_inputs_name_the_argument(one_rank_group):
     torch.testing.assert_close(
         vocab_parallel_cross_entropy(logits, target, **kwargs), fused_softmax.cross_entropy(logits, target, **kwargs)
     )
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 logits give a float32 loss, as torch's
+        loss = vocab_parallel_cross_entropy(logits.bfloat16(), target, **kwargs)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, fused_softmax.cross_entropy(logits.bfloat16(), target, **kwargs))
     bad = [
         (dict(target=torch.full((23,), 600)), "target"),
         (dict(weight=torch.ones(599)), "weight"),

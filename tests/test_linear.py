@@ -115,6 +115,28 @@ def test_low_precision_options_within_twice_the_unchunked_error(device, reductio
     assert_within_twice_the_error(ours, theirs, exact, 1e-3)
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_autocast_matmuls_in_its_dtype_loss_in_float32(device, param_dtype, reduction):
+    # What torch.autocast makes of linear + cross_entropy: the matmuls in bfloat16, the loss in
+    # float32, each gradient in its parameter's dtype.
+    x, w, b, t = problem(device, n=256, h=64, c=1000)
+    params = [v.to(param_dtype) for v in (x, w, b)]
+
+    def run(fn):
+        leaves = [p.clone().requires_grad_(True) for p in params]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = fn(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction)
+        (loss.double() * torch.linspace(-1, 1, loss.numel(), dtype=torch.float64, device=device)).sum().backward()
+        return [loss.detach()] + [p.grad for p in leaves]
+
+    ours = run(lambda *a, **kw: fused_softmax.linear_cross_entropy(*a, chunk_size=100, **kw))
+    theirs = run(lambda x, w, t, linear_bias, **kw: F.cross_entropy(F.linear(x, w, linear_bias), t, **kw))
+    assert [v.dtype for v in ours] == [v.dtype for v in theirs] == [torch.float32] + [param_dtype] * 3
+    exact = grads(reference, *(v.to(torch.bfloat16).double() for v in (x, w, b)), t, reduction=reduction)
+    assert_within_twice_the_error(ours, theirs, exact, 1e-3)
+
+
 def test_gradcheck(device):
     x, w, b, t = problem(device, n=6, h=3, c=5)
     inputs = tuple(v.detach().requires_grad_(True) for v in (x, w, b))
