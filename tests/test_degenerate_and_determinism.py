@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,24 @@ def test_gradient_large_enough_for_huge_pages_is_an_ordinary_tensor():
     g3 = torch.autograd.grad(fused_softmax.cross_entropy(x, y), x)[0]
     assert g3.data_ptr() == reused
     torch.testing.assert_close(g3, g1, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kept mapping is Linux's")
+def test_the_last_freed_gradient_mapping_is_kept_whatever_came_before():
+    """A larger gradient freed earlier (an evaluation batch) must not leave the training step's smaller
+    one faulting in fresh pages every step: the last freed mapping is the one kept."""
+    big, small = torch.randn(4096, 2048), torch.randn(1024, 2048)  # 32 and 8 MiB gradients
+    y = torch.randint(0, 2048, (4096,))
+
+    def grad_of(x):
+        x = x.requires_grad_(True)
+        return torch.autograd.grad(fused_softmax.cross_entropy(x, y[: x.shape[0]]), x)[0]
+
+    grad_of(big)  # freed at once, its mapping kept
+    grad_of(small)  # too small for the kept mapping: a new one, kept in its place when freed
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    grad_of(small)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 256  # a fresh 8 MiB: 2048 faults
 
 
 def resident_mib() -> float:

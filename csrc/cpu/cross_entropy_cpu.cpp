@@ -560,7 +560,9 @@ Mapping cached_mapping;  // guarded by cached_mapping_lock; base == nullptr: emp
 void release_mapping(Mapping m) {
   {
     const std::lock_guard<std::mutex> guard(cached_mapping_lock);
-    if (m.size <= kMaxCached && m.size >= cached_mapping.size) std::swap(m, cached_mapping);  // keep the larger
+    // Keep the last freed: the next gradient is most likely its size. (Keeping the larger one held a
+    // mapping that no later gradient fitted, and every gradient after it faulted in fresh pages.)
+    if (m.size <= kMaxCached) std::swap(m, cached_mapping);
   }
   if (m.base) munmap(m.base, m.size);
 }
