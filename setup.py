@@ -73,7 +73,10 @@ def cpu_vector_flags() -> tuple[str, list[str]]:
         choice = next((name for name, (need, _) in sets.items() if need <= cpu_flags), "default")
     if choice not in sets:
         return "default", []
-    return choice, sets[choice][1] + [f"-DCPU_CAPABILITY_{choice.upper()}", f"-DCPU_CAPABILITY={choice.upper()}"]
+    flags = sets[choice][1] + [f"-DCPU_CAPABILITY_{choice.upper()}", f"-DCPU_CAPABILITY={choice.upper()}"]
+    if choice == "avx512" and "avx512_bf16" in cpu_flags:
+        flags.append("-mavx512bf16")  # one instruction rounds 16 floats to bfloat16
+    return choice, flags
 
 
 SANITIZE = os.environ.get("FUSED_SOFTMAX_SANITIZE") == "1"
