@@ -131,7 +131,7 @@ inline void sfence() {
 template <typename T>
 inline int64_t elements_to_stream_alignment(const T* p) {
 #if defined(CPU_CAPABILITY_AVX512)
-  constexpr uintptr_t kBytes = 16 * sizeof(T) > 64 ? 64 : 16 * sizeof(T);  // a 16-lane vector of T
+  constexpr uintptr_t kBytes = sizeof(T) == 2 ? 32 : 64;  // one vector's stores: 16 lanes of 16 bits, or 64 bytes
   return static_cast<int64_t>(((kBytes - reinterpret_cast<uintptr_t>(p) % kBytes) % kBytes) / sizeof(T));
 #else
   return 0;
