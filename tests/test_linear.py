@@ -163,6 +163,25 @@ def test_torch_compile_fullgraph_equals_eager(device):
     torch.testing.assert_close(results[0], results[1])
 
 
+def test_torch_compile_fullgraph_under_autocast(device):
+    torch._dynamo.reset()
+    x, w, b, t = problem(device, dtype=torch.float32)
+    compiled = torch.compile(
+        lambda x, w, b: fused_softmax.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=16),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    results = []
+    for fn in (lambda x, w, b: fused_softmax.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=16), compiled):
+        params = [v.detach().clone().requires_grad_(True) for v in (x, w, b)]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = fn(*params)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in params])
+    assert results[1][0].dtype == torch.float32 and results[1][2].dtype == torch.float32
+    torch.testing.assert_close(results[0], results[1])
+
+
 @pytest.mark.parametrize(
     "call,words",
     [
