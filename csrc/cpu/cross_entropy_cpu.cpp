@@ -6,8 +6,13 @@
 // 16 bits. The math is spelled out in ../cross_entropy.h.
 //
 // Forward, per row: pass 1 finds the max m; pass 2 sums exp(x - m) (and, when
-// the target spreads mass over every class, sum_c q_c * (x_c - m)). Nothing of
-// size N x C is written. Backward, per row: one pass that reads x and writes dx.
+// the target spreads mass over every class, sum_c q_c * (x_c - m)). Backward,
+// per row: one pass that reads x (or the forward's kept exp(x - m)) and writes
+// dx. Where the forward also forms the gradient (autograd's forward on the CPU,
+// the in-place op), each row's backward follows its forward while the row is
+// in L1: one sweep. Small C (<= 32 classes) runs a vector's width of rows at a
+// time, one row per lane; gradients too large for any cache are written with
+// non-temporal stores.
 #include "../cross_entropy.h"
 
 #include <ATen/ATen.h>
