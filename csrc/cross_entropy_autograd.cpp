@@ -13,13 +13,17 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The typed handle of the op `name` with signature Fn (each caller looks it up once, in a static).
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 std::tuple<at::Tensor, at::Tensor> call_fwd(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fused_softmax::cross_entropy_fwd", "")
-                       .typed<decltype(call_fwd)>();
+  static const auto op = typed_op<decltype(call_fwd)>("fused_softmax::cross_entropy_fwd");
   return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
 }
 
@@ -27,18 +31,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd_grad(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fused_softmax::cross_entropy_fwd_grad", "")
-                       .typed<decltype(call_fwd_grad)>();
+  static const auto op = typed_op<decltype(call_fwd_grad)>("fused_softmax::cross_entropy_fwd_grad");
   return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_fwd_inplace(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fused_softmax::cross_entropy_fwd_inplace", "")
-                       .typed<decltype(call_fwd_inplace)>();
+  static const auto op = typed_op<decltype(call_fwd_inplace)>("fused_softmax::cross_entropy_fwd_inplace");
   return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
 }
 
@@ -46,12 +46,9 @@ at::Tensor call_bwd(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
     int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fused_softmax::cross_entropy_bwd", "")
-          .typed<at::Tensor(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-              const at::Tensor&, int64_t, double, int64_t, double, double, double, int64_t, int64_t)>();
+  static const auto op = typed_op<at::Tensor(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+      int64_t, double, int64_t, double, double, double, int64_t, int64_t)>("fused_softmax::cross_entropy_bwd");
   return op.call(
       grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss,
       /*class_start=*/0, /*num_classes=*/0);

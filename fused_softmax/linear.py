@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .functional import cross_entropy, loss_dtype
+from .functional import _as_dtype, cross_entropy, loss_dtype
 from .reference import REDUCTIONS, accumulate_dtype, mean_divisor
 
 # A chunk of rows' logits takes about this many bytes unless chunk_size says otherwise.
@@ -112,7 +112,7 @@ def linear_cross_entropy(
         )
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
-    return loss if loss.dtype == out_dtype else loss.to(out_dtype)
+    return _as_dtype(loss, out_dtype)
 
 
 def _linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, buffer: Tensor) -> Tensor:
