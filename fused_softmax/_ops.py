@@ -45,10 +45,10 @@ def backend() -> dict[str, str]:
 
 
 def empty_cache() -> None:
-    """Returns the CPU kernel's cached gradient memory to the system. A CPU gradient of 4 MiB or more
-    gets its own memory mapping, and the last one freed (up to 1 GiB) is kept for the next gradient
-    that fits it, so a training loop does not fault in fresh pages every step (as CUDA's caching
-    allocator keeps memory; torch.cuda.empty_cache is the CUDA side's counterpart)."""
+    """Returns the CPU kernel's cached gradient memory to the system. A CPU gradient of 1 MiB or more
+    gets its own memory mapping, and the last four freed (up to 1 GiB together) are kept for the next
+    gradients that fit them, so a training loop does not fault in fresh pages every step (as CUDA's
+    caching allocator keeps memory; torch.cuda.empty_cache is the CUDA side's counterpart)."""
     if _C is not None:
         _C.empty_cache()
 

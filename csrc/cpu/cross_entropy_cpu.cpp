@@ -645,51 +645,71 @@ struct Problem {
 };
 
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-// Gradients of kMinMapped bytes and more get their own mapping; the last one freed (up to
-// kMaxCached) is kept for the next gradient that fits it. A training loop's fresh N x C gradient
-// each step would otherwise be written page by page: its first-touch faults cost more than the
-// arithmetic (130 ms of a 500 MB gradient's ~200 ms here), and where glibc returns the memory to the
-// system (blocks near its 32 MiB mmap threshold) even a 31 MiB one faulted anew on some calls (3.6
-// to 7.6 ms at 8192 x 1000 fp32). Like CUDA's caching allocator, at the price of holding that one
-// mapping between steps. Mappings of 32 MiB and more also ask for transparent huge pages (THP
-// "madvise" mode, Linux's default): 512x fewer faults on first use.
+// Gradients of kMinMapped bytes and more get their own mapping; the last kCachedMappings freed (up
+// to kMaxCached bytes together) are kept for the next gradients that fit them. A training loop's
+// fresh N x C gradient each step would otherwise be written page by page: its first-touch faults
+// cost more than the arithmetic (130 ms of a 500 MB gradient's ~200 ms here), and glibc returns
+// such blocks to the system now and then (a 2.6 MB gradient at 65536 x 10 fp32 faulted in anew
+// every few steps: 0.5 ms added to a 0.5 ms step). A few slots, so that two losses per step (or a
+// training and an evaluation batch) of different sizes each keep theirs. Like CUDA's caching
+// allocator, at the price of holding those mappings between steps. Mappings of 32 MiB and more also
+// ask for transparent huge pages (THP "madvise" mode, Linux's default): 512x fewer faults on first use.
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kMinMapped = size_t(4) << 20;
+constexpr size_t kMinMapped = size_t(1) << 20;
 constexpr size_t kMaxCached = size_t(1) << 30;
+constexpr size_t kCachedMappings = 4;
 
 struct Mapping {
   void* base = nullptr;
   size_t size = 0;  // bytes mapped from base
 };
 
-std::mutex cached_mapping_lock;
-Mapping cached_mapping;  // guarded by cached_mapping_lock; base == nullptr: empty
+std::mutex cached_mappings_lock;
+std::vector<Mapping> cached_mappings;  // guarded by cached_mappings_lock; the most recently freed first
+
+void unmap(const std::vector<Mapping>& mappings) {
+  for (const Mapping& m : mappings) munmap(m.base, m.size);
+}
 
 void release_mapping(Mapping m) {
+  std::vector<Mapping> evicted;
   {
-    const std::lock_guard<std::mutex> guard(cached_mapping_lock);
-    // Keep the last freed: the next gradient is most likely its size. (Keeping the larger one held a
-    // mapping that no later gradient fitted, and every gradient after it faulted in fresh pages.)
-    if (m.size <= kMaxCached) std::swap(m, cached_mapping);
+    const std::lock_guard<std::mutex> guard(cached_mappings_lock);
+    cached_mappings.insert(cached_mappings.begin(), m);
+    size_t kept = 0, bytes = 0;  // the most recent ones within kCachedMappings and kMaxCached
+    while (kept < std::min(cached_mappings.size(), kCachedMappings) &&
+           bytes + cached_mappings[kept].size <= kMaxCached) {
+      bytes += cached_mappings[kept++].size;
+    }
+    evicted.assign(cached_mappings.begin() + kept, cached_mappings.end());
+    cached_mappings.resize(kept);
   }
-  if (m.base) munmap(m.base, m.size);
+  unmap(evicted);  // outside the lock: munmap of a large mapping takes a while
 }
 
-void empty_cached_mapping() {
-  Mapping m;
+void empty_cached_mappings() {
+  std::vector<Mapping> evicted;
   {
-    const std::lock_guard<std::mutex> guard(cached_mapping_lock);
-    std::swap(m, cached_mapping);
+    const std::lock_guard<std::mutex> guard(cached_mappings_lock);
+    std::swap(evicted, cached_mappings);
   }
-  if (m.base) munmap(m.base, m.size);
+  unmap(evicted);
 }
 
-// A mapping of at least `size` bytes: the cached one if it fits and is not over twice as large.
+// A mapping of at least `size` bytes: the smallest kept one that fits and is not over twice as large.
 Mapping take_mapping(size_t size) {
   {
-    const std::lock_guard<std::mutex> guard(cached_mapping_lock);
-    if (cached_mapping.base && cached_mapping.size >= size && cached_mapping.size <= 2 * size) {
-      return std::exchange(cached_mapping, Mapping{});
+    const std::lock_guard<std::mutex> guard(cached_mappings_lock);
+    auto best = cached_mappings.end();
+    for (auto it = cached_mappings.begin(); it != cached_mappings.end(); ++it) {
+      if (it->size >= size && it->size <= 2 * size && (best == cached_mappings.end() || it->size < best->size)) {
+        best = it;
+      }
+    }
+    if (best != cached_mappings.end()) {
+      const Mapping m = *best;
+      cached_mappings.erase(best);
+      return m;
     }
   }
   void* base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -948,7 +968,7 @@ at::Tensor cross_entropy_bwd_cpu(
 
 void empty_cache() {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  empty_cached_mapping();
+  empty_cached_mappings();
 #endif
 }
 
