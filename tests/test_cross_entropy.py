@@ -220,6 +220,27 @@ def test_extreme_logits(device, dtype, scale):
         assert_matches_torch(x, y, reduction=reduction, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [10, 1000])  # the small-C and the row kernels
+def test_probabilities_across_the_float_range_elementwise(device, dtype, c):
+    """Each probability (the gradient of 'sum' off the target) from 1 down past float32's smallest normal,
+    elementwise against float64: within twice torch's own relative error, so the exp may not be cruder
+    than torch's anywhere in the range (a max-abs comparison would not see the small ones)."""
+    x = (torch.linspace(-100.0, 0.0, c, device=device) + torch.rand(64, 1, device=device)).to(dtype)
+    y = torch.zeros(64, dtype=torch.long, device=device)
+    exact = torch.softmax(x.double(), 1)
+    exact[:, 0] -= 1
+    normal = exact.abs() >= torch.finfo(torch.float32).tiny  # below it float32 itself has fewer digits
+    errors = []
+    for fn in (fused_softmax.cross_entropy, F.cross_entropy):
+        h = x.clone().requires_grad_(True)
+        fn(h, y, reduction="sum").backward()
+        errors.append(((h.grad.double() - exact).abs() / exact.abs())[normal].max().item())
+        assert (h.grad.double() - exact)[~normal].abs().max() <= 2 * torch.finfo(torch.float32).tiny
+    ours, torchs = errors
+    assert ours <= 2 * torchs + torch.finfo(dtype).eps, (ours, torchs)
+
+
 def test_minus_inf_columns(device):
     x = torch.randn(50, 64, device=device)
     y = indices(50, 64, device)
