@@ -106,17 +106,19 @@ def test_non_contiguous(device):
     assert_matches_torch(xt, probs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("c", [1, 3, 4, 7, 10, 13, 32])
 def test_small_classes_strided_rows_and_partial_blocks(device, dtype, c):
-    # C <= 32 moves 16 rows at a time through a transposed block (4 x 4 register tiles for float32):
-    # rows apart by more than C, row and class counts that leave partial tiles and blocks.
+    # C <= 32 moves 16 rows at a time through a transposed block (4 x 4 register tiles for float32;
+    # 16-bit rows back to back are widened a vector at a time first): rows back to back and apart by
+    # more than C, row and class counts that leave partial tiles and blocks.
     for n in (1, 3, 5, 37):
         base = torch.randn(2 * n, c + 3, device=device).to(dtype)
         y = indices(n, c, device)
         y[::4] = -100
         assert_matches_torch(base[::2, 1 : c + 1], y, label_smoothing=0.1)  # row stride 2 (C + 3)
         assert_matches_torch(base[:n, :c], y, reduction="none")  # row stride C + 3
+        assert_matches_torch(base[:n, :c].contiguous(), y, label_smoothing=0.1)  # rows back to back
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

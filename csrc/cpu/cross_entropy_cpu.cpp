@@ -466,12 +466,12 @@ struct Problem {
   // K index rows, one per lane r (row i0 + r): x[c * K + r] is its logit of class c as the softmax
   // sees it, cls[r] its target class (-1: ignored, or past the block's rows) and coef[r] that
   // class's (1 - eps) * w (0 where cls is -1). Written a scalar at a time, read a vector at a time.
-  // The backward leaves the block's gradient in grad (same layout), already in the output dtype.
+  // The backward leaves the block's gradient in grad (same layout).
   struct Block {
     __at_align__ acc_t x[kMaxSmallClasses * K];
     __at_align__ acc_t cls[K];  // exact: C <= kMaxSmallClasses
     __at_align__ acc_t coef[K];
-    __at_align__ scalar_t grad[kMaxSmallClasses * K];
+    __at_align__ acc_t grad[kMaxSmallClasses * K];
   };
 
   // A block's rows' (max, log_sum), one row per lane.
@@ -487,7 +487,16 @@ struct Problem {
       std::fill(b.cls, b.cls + K, acc_t(-1));
       std::fill(b.coef, b.coef + K, acc_t(0));
     }
-    copy_transposed(x + i0 * x_stride, x_stride, b.x, K, rows, C);
+    const scalar_t* xi = x + i0 * x_stride;
+    if (!std::is_same_v<acc_t, scalar_t> && x_stride == C) {
+      // 16-bit rows back to back: widened a vector at a time, then transposed as float tiles (one
+      // element at a time, the conversions were a quarter of bf16's fwd+bwd at 65536 x 10).
+      __at_align__ acc_t wide[kMaxSmallClasses * K];
+      for (int64_t k = 0; k < rows * C; k += K) load<acc_t>(xi + k, std::min(K, rows * C - k)).store(wide + k);
+      copy_transposed(wide, C, b.x, K, rows, C);
+    } else {
+      copy_transposed(xi, x_stride, b.x, K, rows, C);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t cls = y[i0 + r];
       b.cls[r] = cls == ignore_index ? acc_t(-1) : static_cast<acc_t>(cls);
@@ -555,9 +564,8 @@ struct Problem {
   }
 
   // The backward of a block, into b.grad: g * (p_c * S - q_c) * slope, the target class included, so
-  // it is rounded once (a vector at a time: rounded per element, bf16 fwd+bwd at 65536 x 10 took
-  // 0.86 ms, now 0.61); 0 in ignored rows, NaN in NaN rows. e: forward_block's kept exps, or
-  // nullptr (p_c has the same bits either way, as in backward_row).
+  // it is rounded once (by store_block); 0 in ignored rows, NaN in NaN rows. e: forward_block's kept
+  // exps, or nullptr (p_c has the same bits either way, as in backward_row).
   FUSED_SOFTMAX_FLATTEN void backward_block(Block& b, const BlockStats& s, const Vec& g,
                                             const acc_t* e = nullptr) const {
     const acc_t spread = eps / static_cast<acc_t>(C);
@@ -575,13 +583,22 @@ struct Problem {
       const Vec ec = e ? Vec::loadu(e + c * K) : vexp<scalar_t>(xc - s.max);
       Vec d = ec * scale - gq;
       if (!transform.identity) d = d * transform.slope(xc);
-      store(b.grad + c * K, Vec::blendv(d, Vec(0), ignored), K);  // whatever grad_loss holds
+      Vec::blendv(d, Vec(0), ignored).store(b.grad + c * K);  // whatever grad_loss holds
     }
   }
 
-  // A block's gradient (b.grad, see backward_block) into dx's rows (contiguous rows).
+  // A block's gradient (b.grad, see backward_block) into dx's rows (contiguous rows). 16-bit:
+  // transposed as float tiles, then rounded to the output dtype a vector at a time (rounding element
+  // by element took as long as the rest of the bf16 backward).
   void store_block(const Block& b, int64_t i0, int64_t rows, scalar_t* dx) const {
-    copy_transposed(b.grad, K, dx + i0 * C, C, C, rows);
+    scalar_t* out = dx + i0 * C;
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      copy_transposed(b.grad, K, out, C, C, rows);
+    } else {
+      __at_align__ acc_t wide[kMaxSmallClasses * K];
+      copy_transposed(b.grad, K, wide, C, C, rows);
+      for (int64_t k = 0; k < rows * C; k += K) store(out + k, Vec::loadu(wide + k), std::min(K, rows * C - k));
+    }
   }
 
   // Calls f(i0, rows, block) for the blocks of rows [begin, end), block filled by load_block. The
