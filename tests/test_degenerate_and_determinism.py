@@ -158,6 +158,27 @@ def test_gradients_of_alternating_sizes_each_keep_their_mapping():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 512  # fresh pages: >= 2048 a step
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the kept mappings are Linux's")
+def test_only_the_last_four_freed_gradient_mappings_are_kept():
+    """The kept mappings are bounded: of five gradients freed in turn, the oldest's memory went back to
+    the system (its size faults in fresh pages again); the newest's is reused."""
+    fused_softmax.empty_cache()
+    y = torch.randint(0, 1024, (12288,))
+
+    def faults_of_grad(rows: int) -> int:  # rows x 1024 float32: 4 KiB a row
+        x = torch.randn(rows, 1024).requires_grad_(True)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.autograd.grad(fused_softmax.cross_entropy(x, y[:rows]), x)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    sizes = [512, 1280, 3072, 7168, 12288]  # 2 to 48 MiB, each over twice the one before: no sharing
+    for rows in sizes:
+        faults_of_grad(rows)
+    assert faults_of_grad(sizes[-1]) < 256  # kept
+    assert faults_of_grad(sizes[0]) >= 256  # pushed out by the four after it: 512 fresh pages
+    fused_softmax.empty_cache()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the kept mapping is Linux's")
 def test_gradient_of_a_few_mib_is_not_faulted_in_every_step():
     """A 2.6 MB gradient (65536 x 10 float32) came from glibc, which returned it to the system every

@@ -185,7 +185,7 @@ inline void copy_transposed(const From* src, int64_t src_stride, To* dst, int64_
 template <typename scalar_t>
 inline Vectorized<float> vexp(const Vectorized<float>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // exp(-104) rounds to 0 (2^-150 times less than 1); max() turns -inf (and NaN) into -104.
+  // exp(-104) = 2^-150.04 rounds to 0; max() turns -inf (and NaN) into -104.
   const __m512 x = _mm512_max_ps(__m512(v), _mm512_set1_ps(-104.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -703,50 +703,50 @@ struct Mapping {
 };
 
 std::mutex cached_mappings_lock;
-std::vector<Mapping> cached_mappings;  // guarded by cached_mappings_lock; the most recently freed first
-
-void unmap(const std::vector<Mapping>& mappings) {
-  for (const Mapping& m : mappings) munmap(m.base, m.size);
-}
+// Guarded by cached_mappings_lock: the kept mappings, the most recently freed first, then empty slots
+// (base == nullptr). An array, not a container: trivially destructible, it still serves a gradient
+// freed during the process's exit, after the static destructors.
+Mapping cached_mappings[kCachedMappings];
 
 void release_mapping(Mapping m) {
-  std::vector<Mapping> evicted;
+  Mapping evicted[kCachedMappings + 1];
+  size_t n_evicted = 0;
   {
     const std::lock_guard<std::mutex> guard(cached_mappings_lock);
-    cached_mappings.insert(cached_mappings.begin(), m);
-    size_t kept = 0, bytes = 0;  // the most recent ones within kCachedMappings and kMaxCached
-    while (kept < std::min(cached_mappings.size(), kCachedMappings) &&
-           bytes + cached_mappings[kept].size <= kMaxCached) {
-      bytes += cached_mappings[kept++].size;
+    for (Mapping& slot : cached_mappings) std::swap(m, slot);  // m first, the others one slot back
+    if (m.base) evicted[n_evicted++] = m;                      // the oldest, pushed out
+    size_t bytes = 0;
+    for (Mapping& slot : cached_mappings) {  // the older ones past kMaxCached bytes go too
+      bytes += slot.size;
+      if (bytes > kMaxCached && slot.base) evicted[n_evicted++] = std::exchange(slot, Mapping{});
     }
-    evicted.assign(cached_mappings.begin() + kept, cached_mappings.end());
-    cached_mappings.resize(kept);
   }
-  unmap(evicted);  // outside the lock: munmap of a large mapping takes a while
+  for (size_t i = 0; i < n_evicted; ++i) munmap(evicted[i].base, evicted[i].size);  // outside the lock: slow
 }
 
 void empty_cached_mappings() {
-  std::vector<Mapping> evicted;
+  Mapping evicted[kCachedMappings];
   {
     const std::lock_guard<std::mutex> guard(cached_mappings_lock);
-    std::swap(evicted, cached_mappings);
+    for (size_t i = 0; i < kCachedMappings; ++i) evicted[i] = std::exchange(cached_mappings[i], Mapping{});
   }
-  unmap(evicted);
+  for (const Mapping& m : evicted)
+    if (m.base) munmap(m.base, m.size);
 }
 
 // A mapping of at least `size` bytes: the smallest kept one that fits and is not over twice as large.
 Mapping take_mapping(size_t size) {
   {
     const std::lock_guard<std::mutex> guard(cached_mappings_lock);
-    auto best = cached_mappings.end();
-    for (auto it = cached_mappings.begin(); it != cached_mappings.end(); ++it) {
-      if (it->size >= size && it->size <= 2 * size && (best == cached_mappings.end() || it->size < best->size)) {
-        best = it;
-      }
+    size_t best = kCachedMappings;
+    for (size_t i = 0; i < kCachedMappings && cached_mappings[i].base; ++i) {
+      const size_t have = cached_mappings[i].size;
+      if (have >= size && have <= 2 * size && (best == kCachedMappings || have < cached_mappings[best].size)) best = i;
     }
-    if (best != cached_mappings.end()) {
-      const Mapping m = *best;
-      cached_mappings.erase(best);
+    if (best < kCachedMappings) {
+      const Mapping m = cached_mappings[best];
+      std::copy(cached_mappings + best + 1, cached_mappings + kCachedMappings, cached_mappings + best);  // keep order
+      cached_mappings[kCachedMappings - 1] = Mapping{};
       return m;
     }
   }
