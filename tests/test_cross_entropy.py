@@ -282,6 +282,24 @@ def test_module_matches_torch_module(device, dtype):
     )
 
 
+def test_module_takes_the_loss_options(device):
+    x = torch.randn(30, 40, device=device, requires_grad=True)
+    y = indices(30, 40, device)
+    options = dict(z_loss=1e-3, softcap=5.0, logit_scale=0.5)
+    module = fused_softmax.CrossEntropyLoss(label_smoothing=0.1, **options)
+    assert "z_loss=0.001" in repr(module) and "softcap=5.0" in repr(module)
+    assert module.state_dict().keys() == torch.nn.CrossEntropyLoss().state_dict().keys()
+    expected = fused_softmax.cross_entropy(x, y, label_smoothing=0.1, **options)
+    assert torch.equal(module(x, y), expected)
+    h = (x * 1).detach().requires_grad_(True)
+    logits = h * 1  # a non-leaf, as inplace_backward needs
+    fused_softmax.CrossEntropyLoss(inplace_backward=True)(logits, y).backward()
+    (grad,) = torch.autograd.grad(fused_softmax.cross_entropy(x, y), x)
+    torch.testing.assert_close(h.grad, grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="CrossEntropyLoss: softcap"):
+        fused_softmax.CrossEntropyLoss(softcap=-1.0)
+
+
 def test_legacy_size_average_and_reduce(device):
     x = torch.randn(10, 5, device=device)
     y = indices(10, 5, device)
