@@ -62,10 +62,19 @@ __device__ __forceinline__ int head_offset(const void* row) {
   return (kVec - (reinterpret_cast<uintptr_t>(row) / sizeof(scalar_t)) % kVec) % kVec;
 }
 
-// exp via exp2 on float: one MUFU.EX2 after one multiply. The argument is
-// x - max, formed before the multiply so large logits lose no precision.
+// exp via exp2 on float. The argument is x - max, formed before the multiply so
+// large logits lose no precision. p = v * log2(e) is rounded: half an ulp of up to
+// 126 is 4e-6 relative in the result (65 ulp); its error, recovered exactly by an
+// FMA (with log2(e)'s low part), corrects exp2(p) to first order: a few ulp, as
+// the CPU kernel's exp, for three FMAs in a kernel bound by memory. Not for -inf,
+// NaN or an overflowing p (their exp2 is exact: 0, NaN, inf).
 __device__ __forceinline__ float exp_of(float v) {
-  return exp2f(v * 1.4426950408889634f);
+  constexpr float kLog2eHi = 1.44269502f, kLog2eLo = 1.92596303e-8f, kLn2 = 0.693147182f;
+  const float p = v * kLog2eHi;
+  const float r = exp2f(p);
+  if (!isfinite(p)) return r;
+  const float error = fmaf(v, kLog2eLo, fmaf(v, kLog2eHi, -p));  // v * log2(e) - p
+  return fmaf(r, error * kLn2, r);
 }
 __device__ __forceinline__ double exp_of(double v) {
   return exp(v);
