@@ -59,23 +59,35 @@ class Timer:
     def __init__(self, device: str):
         self.cuda = device == "cuda"
 
+    def once(self, setup: Callable, timed: Callable) -> float:
+        """ms of one timed(setup()) call; setup is not timed."""
+        state = setup()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            timed(state)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        timed(state)
+        return (time.perf_counter() - t0) * 1e3
+
     def __call__(self, setup: Callable, timed: Callable, reps: int, warmup: int) -> list[float]:
-        times = []
-        for i in range(warmup + reps):
-            state = setup()
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                timed(state)
-                end.record()
-                torch.cuda.synchronize()
-                elapsed = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                timed(state)
-                elapsed = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                times.append(elapsed)
+        times = [self.once(setup, timed) for _ in range(warmup + reps)]
+        return times[warmup:]
+
+    def interleaved(self, cases: dict[str, tuple[Callable, Callable]], reps: int) -> dict[str, list[float]]:
+        """Times every case reps times, the cases in turn: a slow spell of the machine then falls on all
+        of them alike, and their ratios hold where back-to-back runs of each would not. Each timed call
+        follows an untimed one of the same case, so that it finds the caches (and the threads) as a
+        loop of its own calls leaves them, as back-to-back runs did (without it a CPU kernel at
+        65536 x 10 measured its input's and gradient's cache misses, 0.5 ms for 0.4)."""
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(reps):
+            for name, (setup, timed) in cases.items():
+                self.once(setup, timed)
+                times[name].append(self.once(setup, timed))
         return times
 
 
@@ -89,12 +101,16 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[1], q[7]  # median, p20, p80
 
 
-def case(fn: Callable, mode: str, x0: torch.Tensor, y: torch.Tensor) -> tuple[Callable, Callable]:
-    """(setup, timed) for one mode: setup makes what the timed part consumes, untimed."""
+def case(fn: Callable | None, mode: str, x0: torch.Tensor, y: torch.Tensor) -> tuple[Callable, Callable]:
+    """(setup, timed) for one mode: setup makes what the timed part consumes, untimed. fn None: a plain
+    copy of the logits into a preallocated tensor (what the in-place mode is measured against)."""
 
     def fresh():
         return x0.detach().clone().requires_grad_(True)
 
+    if fn is None:
+        out = torch.empty_like(x0)
+        return lambda: None, lambda _: out.copy_(x0)
     if mode == "forward":
         return lambda: None, lambda _: fn(x0, y)
     if mode == "full":
@@ -136,11 +152,6 @@ class PeakMemory:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
         raise OSError(key)
-
-
-def copy_ms(x0: torch.Tensor, timer: Timer, reps: int) -> float:
-    out = torch.empty_like(x0)
-    return statistics.median(timer(lambda: None, lambda _: out.copy_(x0), reps, 2))
 
 
 def machine(device: str) -> dict:
@@ -211,29 +222,31 @@ def main() -> None:
             n, c = (int(v) for v in shape.split("x"))
             x0 = torch.randn(n, c, device=device).to(dtype)
             y = torch.randint(0, c, (n,), device=device)
-            copy = copy_ms(x0, timer, args.reps)
-            copy_gbs = 2 * x0.numel() * x0.element_size() / copy / 1e6
-            print(f"{dtype_name:5} {shape:>13} {'copy':8} {'-':8} {copy:10.3f} {'':>8} {'':>8} {copy_gbs:7.1f}")
-            record(dtype_name, n, c, "copy", "copy", copy, copy, copy, copy_gbs, "")
             for mode in args.modes.split(","):
-                fused_median = None
-                for name in wanted:
-                    if mode == "inplace" and name != "fused":
-                        continue
+                # The providers of this mode and a plain copy of the logits (the bandwidth the kernels
+                # are held against), timed in turn; in-place is fused only.
+                names = (["fused"] if mode == "inplace" else wanted) + ["copy"]
+                cases = {}
+                for name in names:
                     try:
-                        setup, timed = case(available[name], mode, x0, y)
-                        times = timer(setup, timed, args.reps, args.warmup)
-                        state = setup()  # one more call, alone, for its peak memory beyond its inputs
-                        memory.start()
-                        timed(state)
-                        peak = memory.stop_mib()
-                        del state
+                        cases[name] = case(available.get(name), mode, x0, y)
+                        timer(*cases[name], 0, args.warmup)
                     except Exception as error:  # a provider that cannot run this case is reported, not fatal
+                        cases.pop(name, None)
                         print(f"{dtype_name:5} {shape:>13} {mode:8} {name:8} failed: {type(error).__name__}: {error}")
-                        continue
-                    median, p20, p80 = quantiles(times)
-                    fused_median = median if name == "fused" else fused_median
-                    gbps = fused_bytes(mode, n, c, x0.element_size()) / median / 1e6
+                times = timer.interleaved(cases, args.reps)
+                fused_median = statistics.median(times["fused"]) if "fused" in times else None
+                for name, (setup, timed) in cases.items():
+                    state = setup()  # one more call, alone, for its peak memory beyond its inputs
+                    memory.start()
+                    timed(state)
+                    peak = memory.stop_mib()
+                    del state
+                    median, p20, p80 = quantiles(times[name])
+                    moved = (
+                        2 * n * c * x0.element_size() if name == "copy" else fused_bytes(mode, n, c, x0.element_size())
+                    )
+                    gbps = moved / median / 1e6
                     ratio = median / fused_median if fused_median else float("nan")
                     print(
                         f"{dtype_name:5} {shape:>13} {mode:8} {name:8} {median:10.3f} {p20:8.3f} {p80:8.3f} "
