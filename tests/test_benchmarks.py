@@ -1,0 +1,36 @@
+"""The benchmark script runs end to end on tiny shapes: every provider, mode and the copy get a row."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cross_entropy.py"
+
+
+def test_cross_entropy_benchmark_writes_every_row_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rows.csv"
+    args = ["--device", "cpu", "--threads", "1", "--dtypes", "fp32,bf16", "--shapes", "64x10,16x100"]
+    args += ["--modes", "full,forward,backward,inplace", "--providers", "fused,torch", "--reps", "3"]
+    args += ["--warmup", "1", "--csv", str(out), "--json", str(tmp_path / "rows.json"), "--plot", str(tmp_path / "p")]
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "failed" not in result.stdout, result.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert len(json.loads((tmp_path / "rows.json").read_text())["rows"]) == len(rows)
+    seen = {(r["dtype"], r["n"], r["c"], r["mode"], r["provider"]) for r in rows}
+    for dtype in ("fp32", "bf16"):
+        for n, c in (("64", "10"), ("16", "100")):
+            for mode in ("full", "forward", "backward"):
+                assert {(dtype, n, c, mode, p) for p in ("fused", "torch", "copy")} <= seen
+            assert {(dtype, n, c, "inplace", p) for p in ("fused", "copy")} <= seen  # fused only, beside the copy
+    assert len(rows) == 2 * 2 * (3 * 3 + 2)  # dtypes x shapes x (3 modes x 3 providers + in-place's 2)
+    for r in rows:
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]), r
+    assert (tmp_path / "p_cpu_gbps.png").stat().st_size > 0 and (tmp_path / "p_cpu_peak_mib.png").stat().st_size > 0
