@@ -1,6 +1,7 @@
 """Benchmark: fused_softmax.cross_entropy against torch eager, torch.compile and, where they import,
-Liger-Kernel and quack. Providers x modes x dtypes x shapes; median and p20/p80 of repeated runs,
-GB/s counted from the bytes a fused kernel must move, peak extra memory (CUDA).
+Liger-Kernel and quack, with a plain copy of the logits beside them. Providers x modes x dtypes x
+shapes, the providers of a case timed in turn; median and p20/p80 of repeated runs, GB/s counted from
+the bytes a fused kernel must move, peak extra memory.
 
     python benchmarks/bench_cross_entropy.py --device cpu --shapes 4096x32000,65536x10
     python benchmarks/bench_cross_entropy.py --device cuda --dtypes bf16,fp32 --json out.json
