@@ -208,10 +208,22 @@ def main() -> None:
     rows = []
     columns = ("dtype", "n", "c", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mib")
 
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
     def record(*values) -> None:
-        rows.append(
-            dict(machine=json.dumps(info), time=stamp, device=device, **dict(zip(columns, values, strict=True)))
-        )
+        """Keeps a row, and writes it out at once: a run cut short (the GPU check's time limit) keeps
+        the rows it measured."""
+        row = dict(machine=json.dumps(info), time=stamp, device=device, **dict(zip(columns, values, strict=True)))
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        rows.append(row)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
 
     print(
         f"{'dtype':5} {'shape':>13} {'mode':8} {'provider':8} {'median ms':>10} {'p20':>8} {'p80':>8} "
@@ -255,16 +267,6 @@ def main() -> None:
                     )
                     record(dtype_name, n, c, mode, name, median, p20, p80, gbps, peak)
             del x0
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     print(f"appended {len(rows)} rows to {path}")
     if args.plot:
         print("plots:", ", ".join(str(p) for p in plot(rows, Path(args.plot), device)))
