@@ -11,6 +11,7 @@ extension cannot be loaded, the same math runs in plain PyTorch
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -19,13 +20,24 @@ from . import reference
 
 try:
     from . import _C  # loading it registers the ops and their CPU (and CUDA) kernels
-except ImportError as error:  # no compiler at install time, or built against another torch
+except ImportError as error:  # no compiler at install time, built against another torch, or a source tree
     _C = None
     LOAD_ERROR: str | None = f"{type(error).__name__}: {error}"
+    here = Path(__file__).resolve().parent
+    if not any(here.glob("_C.*")):  # the package was imported from a tree where nothing was built
+        fix = (
+            f"this fused_softmax is the source tree at {here}, which has no built extension (with `python -m`, "
+            "the current directory comes first on sys.path and hides the installed package): run from another "
+            "directory, or the `fused-softmax-train` command, or install with `pip install --no-build-isolation -e .`"
+        )
+    else:
+        fix = (
+            f"rebuild against the installed torch {torch.__version__}: `pip install --no-build-isolation "
+            "--force-reinstall .` in the source tree"
+        )
     warnings.warn(
         f"fused_softmax: the compiled kernels could not be loaded ({LOAD_ERROR}); serving the same math "
-        f"in pure PyTorch, which is slower. To fix it, rebuild against the installed torch "
-        f"{torch.__version__}: `pip install --no-build-isolation --force-reinstall .` in the source tree.",
+        f"in pure PyTorch, which is slower. To fix it, {fix}.",
         RuntimeWarning,
         stacklevel=2,
     )

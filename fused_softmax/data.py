@@ -79,7 +79,7 @@ def find(data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
         f"{places}\n"
         "Get them with one of:\n"
         "  sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu)\n"
-        "  python -m fused_softmax.train --download     (fetches them into the cache)\n"
+        "  fused-softmax-train --download               (fetches them into the cache)\n"
         f"  or point --data-dir or ${ENV_VAR} at a folder holding them."
     )
 

@@ -1,13 +1,15 @@
 """Softmax regression on Fashion-MNIST (d2l's concise implementation), trained through the fused loss.
 
-python -m fused_softmax.train                      # 5 epochs, lr 0.1, batch 256, as d2l
-python -m fused_softmax.train --loss torch         # the same run with torch's own loss
-python -m fused_softmax.train --loss fused-inplace # the gradient written over the logits (inplace_backward)
-python -m fused_softmax.train --loss fused-linear  # linear layer and loss fused (linear_cross_entropy)
-python -m fused_softmax.train --resume             # continue from the output dir's checkpoint
-python -m fused_softmax.train evaluate             # test accuracy, per class
-python -m fused_softmax.train predict              # a PNG grid of test images with labels
-torchrun --nproc_per_node 2 -m fused_softmax.train # data-parallel (gloo on CPU, nccl on GPU)
+fused-softmax-train                           # 5 epochs, lr 0.1, batch 256, as d2l
+fused-softmax-train --loss torch              # the same run with torch's own loss
+fused-softmax-train --loss fused-inplace      # the gradient written over the logits (inplace_backward)
+fused-softmax-train --loss fused-linear       # linear layer and loss fused (linear_cross_entropy)
+fused-softmax-train --resume                  # continue from the output dir's checkpoint
+fused-softmax-train evaluate                  # test accuracy, per class
+fused-softmax-train predict                   # a PNG grid of test images with labels
+torchrun --nproc_per_node 2 --no-python fused-softmax-train  # data-parallel (gloo on CPU, nccl on GPU)
+
+(`python -m fused_softmax.train` is the same, run from outside the source tree.)
 """
 
 from __future__ import annotations

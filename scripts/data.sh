@@ -10,5 +10,5 @@ if command -v apt-get > /dev/null; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq dataset-fashion-mnist > /dev/null
 else
-  echo "no apt-get here: get the data with 'python -m fused_softmax.train --download' instead"
+  echo "no apt-get here: get the data with 'fused-softmax-train --download' instead"
 fi

@@ -7,4 +7,6 @@ bash scripts/setup.sh
 bash scripts/data.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
-python -m fused_softmax.train "$@"
+# The installed command, not `python -m fused_softmax.train`: from this directory that would import the
+# source tree, which has no built extension (pip installed it into .venv), and train on the slow fallback.
+fused-softmax-train "$@"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +167,26 @@ def test_fallback_without_compiled_kernels_warns_once_and_is_correct(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
+
+
+def test_a_source_tree_without_the_extension_says_so(tmp_path):
+    """`python -m fused_softmax.train` at the repository's root imports the source tree, where pip built
+    nothing: the warning must name that cause (it once sent users to rebuild), not a torch mismatch."""
+    source = Path(fused_softmax.__file__).parent
+    shutil.copytree(source, tmp_path / "fused_softmax", ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    # From tmp_path, `import fused_softmax` finds the copy first (an editable install's finder, which would
+    # still find the real _C, is dropped: the case is that of `pip install .`).
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+        import fused_softmax
+        print(fused_softmax.__file__, fused_softmax.backend()["cpu"])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fallback" in result.stdout
+    assert "source tree" in result.stderr and "fused-softmax-train" in result.stderr, result.stderr
