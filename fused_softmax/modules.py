@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -47,5 +49,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         )
 
     def extra_repr(self) -> str:
-        options = {"z_loss": 0.0, "softcap": None, "logit_scale": 1.0, "inplace_backward": False}
-        return ", ".join(f"{k}={getattr(self, k)}" for k, default in options.items() if getattr(self, k) != default)
+        """The options beyond torch's that differ from their defaults."""
+        options = inspect.signature(CrossEntropyLoss.__init__).parameters.values()
+        return ", ".join(
+            f"{o.name}={getattr(self, o.name)}"
+            for o in options
+            if o.kind is o.KEYWORD_ONLY and getattr(self, o.name) != o.default
+        )

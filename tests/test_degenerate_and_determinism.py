@@ -138,6 +138,11 @@ def test_streamed_gradient_rows_at_every_alignment(dtype):
     assert torch.equal(formed, recomputed)
 
 
+def minor_faults() -> int:
+    """Page faults of this process so far that needed no I/O: fresh anonymous pages among them."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def faults_are_ours() -> None:
     """The page-fault counts below are the gradients' own, except under AddressSanitizer (scripts/
     sanitize.sh preloads it), whose shadow memory faults pages too: there the tests stop after
@@ -160,12 +165,12 @@ def test_gradients_of_alternating_sizes_each_keep_their_mapping():
 
     grad_of(big)  # freed at once, its mapping kept
     grad_of(small)  # too small for the big one's mapping: a new one, kept beside it
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults = minor_faults()
     for _ in range(3):
         grad_of(big)
         grad_of(small)
     faults_are_ours()
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 512  # fresh pages: >= 2048 a step
+    assert minor_faults() - faults < 512  # fresh pages: >= 2048 a step
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the kept mappings are Linux's")
@@ -177,9 +182,9 @@ def test_only_the_last_four_freed_gradient_mappings_are_kept():
 
     def faults_of_grad(rows: int) -> int:  # rows x 1024 float32: 4 KiB a row
         x = torch.randn(rows, 1024).requires_grad_(True)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = minor_faults()
         torch.autograd.grad(fused_softmax.cross_entropy(x, y[:rows]), x)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        return minor_faults() - before
 
     sizes = [512, 1280, 3072, 7168, 12288]  # 2 to 48 MiB, each over twice the one before: no sharing
     for rows in sizes:
@@ -199,9 +204,9 @@ def test_gradient_of_a_few_mib_is_not_faulted_in_every_step():
     faults = []
     for _ in range(20):
         h = x.detach().clone().requires_grad_(True)  # as a training step's fresh logits
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = minor_faults()
         fused_softmax.cross_entropy(h, y).backward()
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        faults.append(minor_faults() - before)
     faults_are_ours()
     assert sum(faults[1:]) < 640, faults  # a gradient from glibc: 640 faults whenever it was returned
 
