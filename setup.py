@@ -10,7 +10,7 @@ Environment knobs:
   MAX_JOBS                       parallel compile jobs (ninja).
   CUDA_HOME                      the CUDA toolkit; when unset it is found from nvcc (see find_cuda_home).
   FUSED_SOFTMAX_SANITIZE=1       the CPU kernels only, with AddressSanitizer and UndefinedBehaviorSanitizer
-                                 (scripts/sanitize.sh builds and tests that way).
+                                 (scripts/test_kernel_build.sh sanitize builds and tests that way).
 """
 
 import os
@@ -96,10 +96,14 @@ def want_cuda() -> bool:
 
 def extension():
     vec_name, vec_flags = cpu_vector_flags()
-    cxx = ["-O3", "-fopenmp", *vec_flags]  # the C++ standard is the one torch.utils.cpp_extension picks
+    # -ffp-contract=off: the kernel's FMAs are the ones it spells out. GCC otherwise fuses a multiply and
+    # an add where it sees fit, differently in different inlined copies of the same arithmetic: the
+    # forward-formed and the recomputed gradient, which must agree bit for bit, did not (AVX2, float64).
+    # The C++ standard is the one torch.utils.cpp_extension picks.
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", *vec_flags]
     link = ["-fopenmp"]
     if SANITIZE:
-        cxx, link = ["-O1", "-fopenmp", *vec_flags, *SANITIZER_FLAGS], link + SANITIZER_FLAGS
+        cxx, link = ["-O1", "-ffp-contract=off", "-fopenmp", *vec_flags, *SANITIZER_FLAGS], link + SANITIZER_FLAGS
     sources = ["csrc/cross_entropy.cpp", "csrc/cross_entropy_autograd.cpp", "csrc/cpu/cross_entropy_cpu.cpp"]
     if not want_cuda():
         print(

@@ -107,10 +107,10 @@ def test_non_contiguous(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("c", [1, 3, 4, 7, 10, 13, 32])
+@pytest.mark.parametrize("c", [1, 3, 4, 7, 10, 13, 20, 32])
 def test_small_classes_strided_rows_and_partial_blocks(device, dtype, c):
-    # C <= 32 moves 16 rows at a time through a transposed block (4 x 4 register tiles for float32;
-    # 16-bit rows back to back are widened a vector at a time first): rows back to back and apart by
+    # C <= 32 moves 16 rows at a time through a transposed block (AVX-512: 16 x 16 register
+    # transposes, classes past 16 in a second one; AVX2: 4 x 4 tiles): rows back to back and apart by
     # more than C, row and class counts that leave partial tiles and blocks.
     for n in (1, 3, 5, 37):
         base = torch.randn(2 * n, c + 3, device=device).to(dtype)

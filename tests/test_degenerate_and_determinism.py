@@ -145,7 +145,7 @@ def minor_faults() -> int:
 
 def faults_are_ours() -> None:
     """The page-fault counts below are the gradients' own, except under AddressSanitizer (scripts/
-    sanitize.sh preloads it), whose shadow memory faults pages too: there the tests stop after
+    test_kernel_build.sh preloads it), whose shadow memory faults pages too: there the tests stop after
     exercising the kept mappings (for memory errors) and before asserting on faults."""
     if "libasan" in os.environ.get("LD_PRELOAD", ""):
         pytest.skip("AddressSanitizer's shadow memory faults pages too")

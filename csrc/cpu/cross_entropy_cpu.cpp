@@ -50,6 +50,25 @@ using at::vec::Vectorized;
 #define FUSED_SOFTMAX_FLATTEN
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The first n <= 16 lanes as a mask.
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+
+// The first n <= 16 elements of a 16-bit type at p as float lanes (the others 0): one masked load,
+// widened in registers.
+template <typename scalar_t>
+inline __m512 load_16_bits(const scalar_t* p, int64_t n) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(first_lanes(n), p);
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    return _mm512_cvtph_ps(bits);
+  } else {  // a bfloat16 is the upper half of a float
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+}
+#endif
+
 // Loads n <= size() elements as a vector of the accumulation type; lanes >= n are 0.
 template <typename acc_t, typename scalar_t>
 inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
@@ -62,6 +81,9 @@ inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
       at::vec::load_to_float(p, out);
       return out;
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) return load_16_bits(p, n);
+#endif
     __at_align__ acc_t buf[Vec::size()] = {};
     for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<acc_t>(p[k]);
     return Vec::loadu(buf);
@@ -97,7 +119,7 @@ inline void store(scalar_t* p, const Vectorized<acc_t>& v, int64_t n) {
     // 16 lanes rounded in registers and written with one (masked) 32-byte store: the scalar loop
     // below cost more than the rest of the backward (ATen's Vectorized<BFloat16>::store(p, n) of
     // half a vector goes through a stack copy).
-    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), round_to_16_bits<scalar_t>(v));
+    _mm256_mask_storeu_epi16(p, first_lanes(n), round_to_16_bits<scalar_t>(v));
 #endif
   } else {
     __at_align__ acc_t buf[Vectorized<acc_t>::size()];
@@ -144,14 +166,15 @@ inline int64_t elements_to_stream_alignment(const T* p) {
 }
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < ni, j < nj: the transpositions of the
-// small-C blocks. float on x86: 4 x 4 tiles through registers (four 16-byte loads and stores and
-// eight shuffles per 16 elements, where copying one element at a time made the stores a fifth of a
-// block's time); otherwise, and at the edges, one element at a time, converted.
+// small-C blocks without AVX-512 (see transpose_16x16). float with AVX2: 4 x 4 tiles through
+// registers (four 16-byte loads and stores and eight shuffles per 16 elements, where copying one
+// element at a time made the stores a fifth of a block's time); otherwise, and at the edges, one
+// element at a time, converted.
 template <typename To, typename From>
 inline void copy_transposed(const From* src, int64_t src_stride, To* dst, int64_t dst_stride, int64_t ni,
                             int64_t nj) {
   int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<From, float> && std::is_same_v<To, float>) {
     for (; i + 4 <= ni; i += 4) {
       int64_t j = 0;
@@ -175,7 +198,46 @@ inline void copy_transposed(const From* src, int64_t src_stride, To* dst, int64_
     for (int64_t j = 0; j < nj; ++j) dst[j * dst_stride + i] = static_cast<To>(src[i * src_stride + j]);
 }
 
-// exp over float lanes of x - max (<= 0; -inf gives 0; NaN gives 0 too, the callers mark NaN rows).
+#if defined(CPU_CAPABILITY_AVX512)
+// Transposes 16 x 16 floats held a row per register (r[i] lane j <-> r[j] lane i): the small-C
+// blocks' transpositions, both ways. Four rounds of 16 shuffles, each swapping ever larger pieces:
+// single lanes of row pairs, lane pairs of row quads, then 128-bit quarters twice. A round trip of
+// 65536 x 10 floats took 0.16 ms this way, 0.34 through 4 x 4 tiles in memory (copy_transposed).
+inline void transpose_16x16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: rows i and i + 1 interleaved lane by lane
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  auto pairs_lo = [](__m512 a, __m512 b) {  // the low 64-bit lane pairs of a and b, interleaved
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  auto pairs_hi = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  for (int i = 0; i < 16; i += 4) {  // each 128-bit quarter of r[i..i+3] is now a 4 x 4 tile transposed
+    r[i] = pairs_lo(t[i], t[i + 2]);
+    r[i + 1] = pairs_hi(t[i], t[i + 2]);
+    r[i + 2] = pairs_lo(t[i + 1], t[i + 3]);
+    r[i + 3] = pairs_hi(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 0x88: quarters 0 and 2 of each source, 0xdd: quarters 1 and 3
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+#endif
+
+// exp over float lanes of x - max (<= 0; -inf gives 0; NaN gives NaN with AVX-512, elsewhere any
+// value: the callers mark NaN rows).
 // AVX-512: exp(v) = 2^n * exp(r), n = round(v / ln 2), r = v - n ln 2 (ln 2 in two parts, so r is
 // exact to a float's precision), exp(r) by the degree-5 minimax polynomial on |r| <= ln(2) / 2 that
 // ATen's exp_u20 also uses (relative error ~1e-7), and 2^n applied by one scalef, which handles the
@@ -185,8 +247,9 @@ inline void copy_transposed(const From* src, int64_t src_stride, To* dst, int64_
 template <typename scalar_t>
 inline Vectorized<float> vexp(const Vectorized<float>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // exp(-104) = 2^-150.04 rounds to 0; max() turns -inf (and NaN) into -104.
-  const __m512 x = _mm512_max_ps(__m512(v), _mm512_set1_ps(-104.f));
+  // exp(-104) = 2^-150.04 rounds to 0; max() turns -inf into -104 and keeps NaN (vmaxps returns its
+  // second operand where either is NaN).
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.f), __m512(v));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // n * 0.693359375 is exact (|n| <= 150, 9 significant bits); -2.12194440e-4 is the rest of ln 2.
@@ -209,6 +272,37 @@ inline Vectorized<float> vexp(const Vectorized<float>& v) {
 template <typename scalar_t>
 inline Vectorized<double> vexp(const Vectorized<double>& v) {
   return v.map([](double a) { return std::exp(a); });
+}
+
+// The small-C blocks' lane-wise helpers. AVX-512 spells them with mask registers: ATen's
+// comparisons return vectors of all-ones lanes, which its blendv turns back into a mask (four
+// instructions for one compare and blend), and its maximum keeps NaN with three more.
+
+// Lanes of a where cls == c, of b elsewhere.
+inline Vectorized<float> where_equal(const Vectorized<float>& cls, const Vectorized<float>& c,
+                                     const Vectorized<float>& a, const Vectorized<float>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_mask_blend_ps(_mm512_cmpeq_ps_mask(cls, c), b, a);
+#else
+  return Vectorized<float>::blendv(b, a, cls == c);
+#endif
+}
+inline Vectorized<double> where_equal(const Vectorized<double>& cls, const Vectorized<double>& c,
+                                      const Vectorized<double>& a, const Vectorized<double>& b) {
+  return Vectorized<double>::blendv(b, a, cls == c);
+}
+
+// The running max of a block's rows. AVX-512: a NaN logit may be dropped here, but vexp keeps it,
+// so the row's sum of exponentials is NaN.
+inline Vectorized<float> block_max(const Vectorized<float>& m, const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(m, x);
+#else
+  return at::vec::maximum(m, x);
+#endif
+}
+inline Vectorized<double> block_max(const Vectorized<double>& m, const Vectorized<double>& x) {
+  return at::vec::maximum(m, x);
 }
 
 template <typename acc_t>
@@ -465,10 +559,10 @@ struct Problem {
 
   // K index rows, one per lane r (row i0 + r): x[c * K + r] is its logit of class c as the softmax
   // sees it, cls[r] its target class (-1: ignored, or past the block's rows) and coef[r] that
-  // class's (1 - eps) * w (0 where cls is -1). Written a scalar at a time, read a vector at a time.
-  // The backward leaves the block's gradient in grad (same layout).
+  // class's (1 - eps) * w (0 where cls is -1). Filled by load_block, read a vector at a time. The
+  // backward leaves the block's gradient in grad (same layout).
   struct Block {
-    __at_align__ acc_t x[kMaxSmallClasses * K];
+    __at_align__ acc_t x[kMaxSmallClasses * K];  // room for classes up to the next multiple of 16
     __at_align__ acc_t cls[K];  // exact: C <= kMaxSmallClasses
     __at_align__ acc_t coef[K];
     __at_align__ acc_t grad[kMaxSmallClasses * K];
@@ -479,31 +573,69 @@ struct Problem {
     Vec max, log_sum;
   };
 
-  // Fills b with rows [i0, i0 + rows). ATen's register transpose (transpose_mxn) and vector gathers
-  // both measured slower than copy_transposed's scalar copies (before its 4 x 4 float tiles).
+  // Fills b with rows [i0, i0 + rows); lanes past them are 0 (class -1, coefficient 0).
   void load_block(int64_t i0, int64_t rows, Block& b) const {
-    if (rows < K) {
-      std::fill(b.x, b.x + C * K, acc_t(0));
-      std::fill(b.cls, b.cls + K, acc_t(-1));
-      std::fill(b.coef, b.coef + K, acc_t(0));
-    }
     const scalar_t* xi = x + i0 * x_stride;
-    if (!std::is_same_v<acc_t, scalar_t> && x_stride == C) {
-      // 16-bit rows back to back: widened a vector at a time, then transposed as float tiles (one
-      // element at a time, the conversions were a quarter of bf16's fwd+bwd at 65536 x 10).
-      __at_align__ acc_t wide[kMaxSmallClasses * K];
-      for (int64_t k = 0; k < rows * C; k += K) load<acc_t>(xi + k, std::min(K, rows * C - k)).store(wide + k);
-      copy_transposed(wide, C, b.x, K, rows, C);
-    } else {
-      copy_transposed(xi, x_stride, b.x, K, rows, C);
+#if defined(CPU_CAPABILITY_AVX512)
+    // 16 classes at a time: each row's in a register (16-bit ones widened there), transposed.
+    static_assert(!std::is_same_v<acc_t, float> || (K == 16 && kMaxSmallClasses % K == 0));
+    if constexpr (std::is_same_v<acc_t, float>) {
+      for (int64_t c0 = 0; c0 < C; c0 += K) {
+        const int64_t n = std::min(K, C - c0);
+        __m512 r[K];
+        for (int64_t i = 0; i < K; ++i) r[i] = i < rows ? __m512(load<acc_t>(xi + i * x_stride + c0, n)) : _mm512_setzero_ps();
+        transpose_16x16(r);
+        // All 16 (b.x has room): a count known only at run time made the compiler spill r and copy it.
+        for (int64_t c = 0; c < K; ++c) _mm512_store_ps(b.x + (c0 + c) * K, r[c]);
+      }
+    } else
+#endif
+    {
+      // One element at a time (ATen's register transpose, transpose_mxn, and vector gathers both
+      // measured slower), or AVX2's 4 x 4 float tiles; 16-bit rows back to back are widened a
+      // vector at a time first (one element at a time, the conversions were a quarter of bf16's
+      // fwd+bwd at 65536 x 10).
+      if (rows < K) std::fill(b.x, b.x + C * K, acc_t(0));
+      if (!std::is_same_v<acc_t, scalar_t> && x_stride == C) {
+        __at_align__ acc_t wide[kMaxSmallClasses * K];
+        for (int64_t k = 0; k < rows * C; k += K) load<acc_t>(xi + k, std::min(K, rows * C - k)).store(wide + k);
+        copy_transposed(wide, C, b.x, K, rows, C);
+      } else {
+        copy_transposed(xi, x_stride, b.x, K, rows, C);
+      }
     }
+    load_targets(i0, rows, b);
+    if (!transform.identity)
+      for (int64_t c = 0; c < C; ++c) transform(Vec::loadu(b.x + c * K)).store(b.x + c * K);
+  }
+
+  // b.cls and b.coef of rows [i0, i0 + rows).
+  void load_targets(int64_t i0, int64_t rows, Block& b) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {  // in registers: 2-4% of the 65536 x 10 forward
+      auto first8 = [](int64_t n) { return static_cast<__mmask8>((1u << std::clamp<int64_t>(n, 0, 8)) - 1); };
+      const __m512i ignore = _mm512_set1_epi64(ignore_index);
+      const __m512i lo = _mm512_maskz_loadu_epi64(first8(rows), y + i0);  // rows i0 .. i0 + 7
+      const __m512i hi = _mm512_maskz_loadu_epi64(first8(rows - 8), y + i0 + 8);
+      // The lanes with a target class: rows of the block that are not ignored.
+      const __mmask16 targeted = _mm512_mask_cmpneq_epi64_mask(first8(rows), lo, ignore) |
+                                 static_cast<__mmask16>(_mm512_mask_cmpneq_epi64_mask(first8(rows - 8), hi, ignore) << 8);
+      // Their classes (< C <= 32, checked) as 16 32-bit integers.
+      const __m512i cls =
+          _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+      _mm512_store_ps(b.cls, _mm512_mask_cvtepi32_ps(_mm512_set1_ps(-1), targeted, cls));
+      const __m512 w_y = w ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), targeted, cls, w, 4) : _mm512_set1_ps(1);
+      _mm512_store_ps(b.coef, _mm512_maskz_mul_ps(targeted, _mm512_set1_ps(1 - eps), w_y));  // target_coef
+      return;
+    }
+#endif
+    std::fill(b.cls + rows, b.cls + K, acc_t(-1));
+    std::fill(b.coef + rows, b.coef + K, acc_t(0));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t cls = y[i0 + r];
       b.cls[r] = cls == ignore_index ? acc_t(-1) : static_cast<acc_t>(cls);
       b.coef[r] = cls == ignore_index ? acc_t(0) : target_coef(cls);
     }
-    if (!transform.identity)
-      for (int64_t c = 0; c < C; ++c) transform(Vec::loadu(b.x + c * K)).store(b.x + c * K);
   }
 
   // Losses and stats of a block, the same math as forward_row, lane-wise; returns the stats. With
@@ -512,11 +644,11 @@ struct Problem {
                                                  RowStats<acc_t>* stats, acc_t* e = nullptr) const {
     const acc_t spread = eps / static_cast<acc_t>(C);
     const Vec cls = Vec::loadu(b.cls);
-    Vec m(-std::numeric_limits<acc_t>::infinity()), x_y(0);
-    for (int64_t c = 0; c < C; ++c) {
+    Vec m(-std::numeric_limits<acc_t>::infinity()), x_y(0), class_c(0);
+    for (int64_t c = 0; c < C; ++c, class_c += Vec(1)) {
       const Vec xc = Vec::loadu(b.x + c * K);
-      m = at::vec::maximum(m, xc);
-      x_y = Vec::blendv(x_y, xc, cls == Vec(static_cast<acc_t>(c)));  // the target class's logit
+      m = block_max(m, xc);
+      x_y = where_equal(cls, class_c, xc, x_y);  // the target class's logit
     }
     Vec sum_exp(0), mass(0), mass_dot(0);
     for (int64_t c = 0; c < C; ++c) {
@@ -530,13 +662,14 @@ struct Problem {
         mass_dot = at::vec::fmadd(q, xm, mass_dot);
       }
     }
-    // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
+    // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch: +inf and -inf rows have
+    // no finite max, and a NaN logit is in the max (block_max) or in the sum (vexp).
     const Vec finite = (m - m) == Vec(0);
     const Vec log_sum = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), sum_exp.log(), finite);
     // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
     Vec l = Vec::loadu(b.coef) * (log_sum - (x_y - m)) + (mass * log_sum - mass_dot);
     if (z_loss > 0) l = l + Vec(z_loss) * (m + log_sum) * (m + log_sum);
-    Vec::blendv(l, Vec(0), cls == Vec(-1)).store(loss + i0, rows);  // an ignored row's loss is 0
+    where_equal(cls, Vec(-1), Vec(0), l).store(loss + i0, rows);  // an ignored row's loss is 0
     // RowStats are (max, log_sum) pairs: interleaved, the block's stats are two vector stores.
     const auto [first, second] = at::vec::interleave2(m, log_sum);
     acc_t* out = reinterpret_cast<acc_t*>(stats + i0);
@@ -572,26 +705,39 @@ struct Problem {
     const Vec cls = Vec::loadu(b.cls), coef = Vec::loadu(b.coef);
     const Vec S = coef + Vec(spread_index_mass) + Vec(2 * z_loss) * (s.max + s.log_sum);  // sum_c q_c + 2 z lse
     const Vec inv_sum = vexp<scalar_t>(Vec(0) - s.log_sum);  // 1 / sum_c exp(x_c - max), per lane
-    // g * p_c * S = exp(x_c - max) * (g * S / sum): one multiply per class; NaN for a NaN row (the exp
-    // above does not keep NaN).
+    // g * p_c * S = exp(x_c - max) * (g * S / sum): one multiply per class; NaN for a NaN row (only
+    // AVX-512's exp above keeps NaN).
     const Vec scale = Vec::blendv(g * inv_sum * S, Vec(std::numeric_limits<acc_t>::quiet_NaN()), s.log_sum.isnan());
-    const Vec g_coef = g * coef, ignored = cls == Vec(-1);
-    for (int64_t c = 0; c < C; ++c) {
-      Vec gq = Vec::blendv(Vec(0), g_coef, cls == Vec(static_cast<acc_t>(c)));  // g * q_c
+    const Vec g_coef = g * coef;
+    Vec class_c(0);
+    for (int64_t c = 0; c < C; ++c, class_c += Vec(1)) {
+      Vec gq = where_equal(cls, class_c, g_coef, Vec(0));  // g * q_c
       if (eps > 0) gq += g * Vec(w ? spread * w[c] : spread);
       const Vec xc = Vec::loadu(b.x + c * K);
       const Vec ec = e ? Vec::loadu(e + c * K) : vexp<scalar_t>(xc - s.max);
       Vec d = ec * scale - gq;
       if (!transform.identity) d = d * transform.slope(xc);
-      Vec::blendv(d, Vec(0), ignored).store(b.grad + c * K);  // whatever grad_loss holds
+      where_equal(cls, Vec(-1), Vec(0), d).store(b.grad + c * K);  // 0 in ignored rows, whatever grad_loss holds
     }
   }
 
-  // A block's gradient (b.grad, see backward_block) into dx's rows (contiguous rows). 16-bit:
-  // transposed as float tiles, then rounded to the output dtype a vector at a time (rounding element
-  // by element took as long as the rest of the bf16 backward).
+  // A block's gradient (b.grad, see backward_block) into dx's rows (contiguous rows), rounded to the
+  // output dtype a vector at a time (element by element took as long as the rest of the bf16
+  // backward). AVX-512: transposed in registers, a masked store per row; otherwise through float tiles.
   void store_block(const Block& b, int64_t i0, int64_t rows, scalar_t* dx) const {
     scalar_t* out = dx + i0 * C;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {  // 16 classes at a time, transposed to a row per register
+      for (int64_t c0 = 0; c0 < C; c0 += K) {
+        const int64_t n = std::min(K, C - c0);
+        __m512 r[K];
+        for (int64_t c = 0; c < K; ++c) r[c] = c < n ? _mm512_load_ps(b.grad + (c0 + c) * K) : _mm512_setzero_ps();
+        transpose_16x16(r);
+        for (int64_t i = 0; i < rows; ++i) store(out + i * C + c0, Vec(r[i]), n);
+      }
+      return;
+    }
+#endif
     if constexpr (std::is_same_v<acc_t, scalar_t>) {
       copy_transposed(b.grad, K, out, C, C, rows);
     } else {
@@ -602,8 +748,9 @@ struct Problem {
   }
 
   // Calls f(i0, rows, block) for the blocks of rows [begin, end), block filled by load_block. The
-  // next block is loaded before f works on this one: a block is written a scalar at a time and read
-  // a vector at a time, and a vector load of bytes still in the store buffer stalls (store forwarding).
+  // next block is loaded before f works on this one: without AVX-512 a block is written in pieces
+  // smaller than the vectors that read it, and a vector load of bytes still in the store buffer
+  // stalls (store forwarding).
   template <typename F>
   void for_each_block(int64_t begin, int64_t end, Block (&blocks)[2], const F& f) const {
     load_block(begin, std::min(K, end - begin), blocks[0]);
@@ -841,9 +988,17 @@ double ordered_sum(int64_t N, const F& f) {
   at::parallel_for(0, static_cast<int64_t>(block_sums.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = b * kBlockRows, end = std::min(N, begin + kBlockRows);
-      double chain[4] = {0, 0, 0, 0};
-      for (int64_t i = begin; i < end; ++i) chain[i % 4] += f(i);
-      block_sums[b] = (chain[0] + chain[1]) + (chain[2] + chain[3]);
+      // Unrolled by hand: an array indexed by i % 4 lived in memory, every add waiting on a store.
+      double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      int64_t i = begin;
+      for (; i + 4 <= end; i += 4) {
+        s0 += f(i);
+        s1 += f(i + 1);
+        s2 += f(i + 2);
+        s3 += f(i + 3);
+      }
+      for (; i < end; ++i) s0 += f(i);
+      block_sums[b] = (s0 + s1) + (s2 + s3);
     }
   });
   return std::accumulate(block_sums.begin(), block_sums.end(), 0.0);
