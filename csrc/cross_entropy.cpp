@@ -55,8 +55,9 @@ bool check_cross_entropy_args(
         "fused_softmax: target: class probabilities must have shape [", rows, ", ", classes, "] to match input ",
         shape_of(input), ", got ", shape_of(target));
     TORCH_CHECK(
-        tdtype == dtype,
-        "fused_softmax: target: class probabilities must have input's dtype ", dtype, ", got ", tdtype);
+        tdtype == dtype || ((dtype == at::kHalf || dtype == at::kBFloat16) && tdtype == at::kFloat),
+        "fused_softmax: target: class probabilities must have input's dtype ", dtype,
+        " (or float32 for float16/bfloat16 input), got ", tdtype);
     probabilities = true;
   } else {
     TORCH_CHECK(

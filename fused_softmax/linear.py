@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .functional import _as_dtype, cross_entropy, loss_dtype
+from .functional import _as_dtype, _probabilities_as_read, cross_entropy, loss_dtype
 from .reference import REDUCTIONS, accumulate_dtype, mean_divisor
 
 # A chunk of rows' logits takes about this many bytes unless chunk_size says otherwise.
@@ -79,8 +79,8 @@ def linear_cross_entropy(
             "linear_cross_entropy: target, weight: gradients with respect to probability targets or class "
             "weights are not supported; pass them detached"
         )
-    if rows_target.is_floating_point():
-        rows_target = rows_target.to(input.dtype)  # probabilities in the logits' dtype, as cross_entropy does
+    if rows_target.is_floating_point():  # once, not per chunk
+        rows_target = _probabilities_as_read(rows_target, input.dtype)
     # cross_entropy checks the options and shapes once, on an empty chunk; the op checks the class
     # indices and weights on every chunk.
     with torch.no_grad():

@@ -35,6 +35,12 @@ CASES = [
         ["target", "int64 or int32"],
     ),
     ("target bool", lambda x, y: fused_softmax.cross_entropy(x, y > 3), RuntimeError, ["target", "Bool"]),
+    (
+        "op: probabilities wider than float32 for 16-bit logits",  # the Python API converts them first
+        lambda x, y: OPS.cross_entropy_fwd(x.bfloat16(), torch.softmax(x.double(), 1), None, -100, 0.0, 1),
+        RuntimeError,
+        ["target", "BFloat16", "float32", "Double"],
+    ),
     ("target shape", lambda x, y: fused_softmax.cross_entropy(x, y[:3]), ValueError, ["target", "(4,)", "(3,)"]),
     (
         "probability shape",

@@ -58,20 +58,32 @@ def test_gradcheck_probability_target(device):
     )
 
 
-@pytest.mark.parametrize("case", range(5))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_opcheck(device, case, dtype, reduction):
-    x, target, weight, ignore_index, smoothing = _cases(device)[case]
-    x = x.to(dtype).detach().requires_grad_(True)
-    if target.is_floating_point():
-        target = target.to(dtype)
+def _opcheck_fwd_and_bwd(x, target, weight, ignore_index, smoothing, reduction):
     args = (x, target, weight, ignore_index, smoothing, reduction)
     torch.library.opcheck(OPS.cross_entropy_fwd.default, args)
     loss, stats = OPS.cross_entropy_fwd(*args)
     grad_loss = torch.randn_like(loss)
     bwd_args = (grad_loss, x.detach(), target, weight, stats, ignore_index, smoothing, reduction)
     torch.library.opcheck(OPS.cross_entropy_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(device, case, dtype, reduction):
+    x, target, weight, ignore_index, smoothing = _cases(device)[case]
+    if target.is_floating_point():
+        target = target.to(dtype)
+    _opcheck_fwd_and_bwd(x.to(dtype).detach().requires_grad_(True), target, weight, ignore_index, smoothing, reduction)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_float32_probabilities_with_bfloat16_logits(device, reduction):
+    cases = [case for case in _cases(device) if case[1].is_floating_point()]
+    assert cases
+    for x, target, weight, ignore_index, smoothing in cases:
+        x = x.bfloat16().detach().requires_grad_(True)
+        _opcheck_fwd_and_bwd(x, target.float(), weight, ignore_index, smoothing, reduction)
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])

@@ -464,12 +464,22 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   return {reduction == kMean ? total / mean_divisor_cuda(p, ignore_index, acc) : total, stats};  // 0/0 = nan
 }
 
+// prepare_args, with class probabilities in the logits' dtype, the one the kernels read (the op also
+// takes float32 probabilities for 16-bit logits, which the CPU kernel reads as they are).
+PreparedArgs prepare_args_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, int64_t reduction, int64_t class_start = 0, int64_t num_classes = 0) {
+  PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
+  if (p.probabilities && p.target.scalar_type() != p.input.scalar_type()) p.target = p.target.to(p.input.scalar_type());
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
+  const PreparedArgs p = prepare_args_cuda(input, target, weight, label_smoothing, reduction);  // checks devices first
   const c10::cuda::CUDAGuard device_guard(input.device());
   return forward_cuda(p, ignore_index, label_smoothing, reduction, options);
 }
@@ -492,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
+  const PreparedArgs p = prepare_args_cuda(input, target, weight, label_smoothing, reduction);
   TORCH_CHECK(
       p.input.is_same(input) && input.is_contiguous(),
       "fused_softmax: input: the in-place gradient needs contiguous (rows, classes) logits, got strides ",
@@ -506,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_cuda(
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
+  const PreparedArgs p = prepare_args_cuda(input, target, weight, label_smoothing, reduction);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
   auto [loss, stats] = forward_and_unit_grad_cuda(p, ignore_index, label_smoothing, reduction, options, grad);
@@ -519,7 +529,7 @@ at::Tensor cross_entropy_bwd_cuda(
     int64_t reduction, double logit_scale, double softcap, double z_loss, int64_t class_start, int64_t num_classes) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
   const PreparedArgs p =  // checks devices first
-      prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
+      prepare_args_cuda(input, target, weight, label_smoothing, reduction, class_start, num_classes);
   check_backward_args(grad_loss, p.input, stats, reduction);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
