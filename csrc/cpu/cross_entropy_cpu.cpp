@@ -274,31 +274,29 @@ inline Vectorized<double> vexp(const Vectorized<double>& v) {
 // instructions for one compare and blend), and its maximum keeps NaN with three more.
 
 // Lanes of a where cls == c, of b elsewhere.
-inline Vectorized<float> where_equal(const Vectorized<float>& cls, const Vectorized<float>& c,
-                                     const Vectorized<float>& a, const Vectorized<float>& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_mask_blend_ps(_mm512_cmpeq_ps_mask(cls, c), b, a);
-#else
-  return Vectorized<float>::blendv(b, a, cls == c);
-#endif
-}
-inline Vectorized<double> where_equal(const Vectorized<double>& cls, const Vectorized<double>& c,
-                                      const Vectorized<double>& a, const Vectorized<double>& b) {
-  return Vectorized<double>::blendv(b, a, cls == c);
+template <typename acc_t>
+inline Vectorized<acc_t> where_equal(const Vectorized<acc_t>& cls, const Vectorized<acc_t>& c,
+                                     const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+  return Vectorized<acc_t>::blendv(b, a, cls == c);
 }
 
-// The running max of a block's rows. AVX-512: a NaN logit may be dropped here, but vexp keeps it,
-// so the row's sum of exponentials is NaN.
+// The running max of a block's rows.
+template <typename acc_t>
+inline Vectorized<acc_t> block_max(const Vectorized<acc_t>& m, const Vectorized<acc_t>& x) {
+  return at::vec::maximum(m, x);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)  // float lanes, chosen over the templates above
+inline Vectorized<float> where_equal(const Vectorized<float>& cls, const Vectorized<float>& c,
+                                     const Vectorized<float>& a, const Vectorized<float>& b) {
+  return _mm512_mask_blend_ps(_mm512_cmpeq_ps_mask(cls, c), b, a);
+}
+
+// A NaN logit may be dropped here, but vexp keeps it, so the row's sum of exponentials is NaN.
 inline Vectorized<float> block_max(const Vectorized<float>& m, const Vectorized<float>& x) {
-#if defined(CPU_CAPABILITY_AVX512)
   return _mm512_max_ps(m, x);
-#else
-  return at::vec::maximum(m, x);
+}
 #endif
-}
-inline Vectorized<double> block_max(const Vectorized<double>& m, const Vectorized<double>& x) {
-  return at::vec::maximum(m, x);
-}
 
 template <typename acc_t>
 inline acc_t first_lane(const Vectorized<acc_t>& v) {
