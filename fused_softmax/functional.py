@@ -50,7 +50,7 @@ def cross_entropy(
     input and returned in the dtype torch returns (see loss_dtype); under
     torch.autocast that is float32, without the float32 copy of the logits
     that torch makes there. Float32 probabilities of float16/bfloat16 logits
-    are read as float32 on the CPU (CUDA rounds them to the logits' dtype).
+    are read as float32, not rounded to 16 bits.
 
     Beyond torch (keyword-only, all off by default):
       z_loss: adds z_loss * lse^2 per row (PaLM's auxiliary loss; ignored rows add nothing).
@@ -143,7 +143,7 @@ def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _probabilities_as_read(target: Tensor, logits_dtype: torch.dtype) -> Tensor:
     """Class probabilities in the dtype the kernels read: the logits', but float32 for 16-bit logits
     with probabilities of another dtype (rounded to 16 bits, a few rows' losses lost digits: 4.5e-4
-    relative error at 4 x 5 bf16, torch 2.6e-5). The CUDA kernels round them to the logits' dtype."""
+    relative error at 4 x 5 bf16, torch 2.6e-5)."""
     if target.dtype == logits_dtype:
         return target
     wide = logits_dtype in (torch.float16, torch.bfloat16)

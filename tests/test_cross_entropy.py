@@ -210,13 +210,13 @@ def test_probability_target_of_another_dtype_gives_torchs_loss_dtype(device, dty
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(4, 5), (64, 10), (16, 1000)])
-def test_float32_probabilities_with_16_bit_logits_are_read_at_float32(dtype, shape):
-    """The CPU kernel reads float32 probabilities as they are (the CUDA kernels round them to the
-    logits' dtype): the loss of 16-bit logits is then float32-accurate against float64 on the same
-    values. Rounded to 16 bits, the probabilities cost 4.5e-4 relative at 4 x 5 bf16 (torch 2.6e-5)."""
-    x = (torch.randn(shape) * 2).to(dtype)
-    t = torch.softmax(torch.randn(shape, dtype=torch.float64), 1).float()
+@pytest.mark.parametrize("shape", [(4, 5), (64, 10), (16, 1000), (4, 3000)])  # CUDA: warp and block rows
+def test_float32_probabilities_with_16_bit_logits_are_read_at_float32(device, dtype, shape):
+    """The kernels read float32 probabilities as they are: the loss of 16-bit logits is then
+    float32-accurate against float64 on the same values. Rounded to 16 bits, the probabilities
+    cost 4.5e-4 relative at 4 x 5 bf16 (torch 2.6e-5)."""
+    x = (torch.randn(shape, device=device) * 2).to(dtype)
+    t = torch.softmax(torch.randn(shape, dtype=torch.float64, device=device), 1).float()
     for reduction in REDUCTIONS:
         ours = fused_softmax.cross_entropy(x, t, reduction=reduction)
         exact = F.cross_entropy(x.double(), t.double(), reduction=reduction)

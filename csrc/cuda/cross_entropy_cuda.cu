@@ -149,11 +149,30 @@ __device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> s, RowSta
   return s;
 }
 
-// The spread part of a row's target mass: w_c * (a * t_c + b); t == nullptr for
-// class indices (whose target class is added separately), w == nullptr for all ones.
+// A row of class probabilities: in the logits' dtype, or float32 (acc_t) for 16-bit logits, read
+// as they are rather than rounded to 16 bits first. The flag is the same for every thread of a
+// launch, so one kernel serves both without diverging.
+template <typename scalar_t, typename acc_t>
+struct Probabilities {
+  const void* p = nullptr;  // nullptr: class indices
+  bool wide = false;        // acc_t elements, else scalar_t
+
+  __host__ __device__ explicit operator bool() const { return p != nullptr; }
+  __device__ __forceinline__ Probabilities operator+(int64_t k) const {  // k elements on
+    return {wide ? static_cast<const void*>(static_cast<const acc_t*>(p) + k)
+                 : static_cast<const void*>(static_cast<const scalar_t*>(p) + k),
+            wide};
+  }
+  __device__ __forceinline__ acc_t operator[](int64_t c) const {
+    return wide ? static_cast<const acc_t*>(p)[c] : static_cast<acc_t>(static_cast<const scalar_t*>(p)[c]);
+  }
+};
+
+// The spread part of a row's target mass: w_c * (a * t_c + b); no t for class indices
+// (whose target class is added separately), w == nullptr for all ones.
 template <typename scalar_t, typename acc_t>
 struct SpreadMass {
-  const scalar_t* t;
+  Probabilities<scalar_t, acc_t> t;
   const acc_t* w;
   acc_t a;
   acc_t b;
@@ -172,7 +191,7 @@ struct KernelArgs {
   int64_t col0;          // x's columns are the classes [col0, col0 + C) (a block: backward only)
   int64_t classes;       // of this many (C unless a block)
   const int64_t* y;      // class indices, or nullptr
-  const scalar_t* t;     // class probabilities, or nullptr
+  Probabilities<scalar_t, acc_t> t;  // class probabilities, or none
   int64_t t_stride;
   const acc_t* w;        // class weights, or nullptr
   const acc_t* w_sum;    // backward: sum of w, or nullptr
@@ -215,7 +234,7 @@ struct RowTarget {
   acc_t target_coef; // (1 - eps) * w[y]: an index row's mass on its target class
 
   __device__ __forceinline__ RowTarget(const KernelArgs<scalar_t, acc_t>& a, int64_t i) {
-    spread = {nullptr, a.w, acc_t(1) - a.eps, a.eps / static_cast<acc_t>(a.classes)};  // at(c): class c
+    spread = {{}, a.w, acc_t(1) - a.eps, a.eps / static_cast<acc_t>(a.classes)};  // at(c): class c
     target_coef = 0;
     y = -1;
     ignored = false;
@@ -358,7 +377,9 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
   a.col0 = p.class_start;
   a.classes = p.num_classes;
   if (p.probabilities) {
-    a.t = p.target.const_data_ptr<scalar_t>();
+    const bool wide = p.target.scalar_type() != p.input.scalar_type();
+    TORCH_INTERNAL_ASSERT(!wide || p.target.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+    a.t = {p.target.const_data_ptr(), wide};
     a.t_stride = p.target.stride(0);
   } else {
     a.y = p.target.const_data_ptr<int64_t>();
@@ -464,22 +485,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   return {reduction == kMean ? total / mean_divisor_cuda(p, ignore_index, acc) : total, stats};  // 0/0 = nan
 }
 
-// prepare_args, with class probabilities in the logits' dtype, the one the kernels read (the op also
-// takes float32 probabilities for 16-bit logits, which the CPU kernel reads as they are).
-PreparedArgs prepare_args_cuda(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    double label_smoothing, int64_t reduction, int64_t class_start = 0, int64_t num_classes = 0) {
-  PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
-  if (p.probabilities && p.target.scalar_type() != p.input.scalar_type()) p.target = p.target.to(p.input.scalar_type());
-  return p;
-}
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args_cuda(input, target, weight, label_smoothing, reduction);  // checks devices first
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
   const c10::cuda::CUDAGuard device_guard(input.device());
   return forward_cuda(p, ignore_index, label_smoothing, reduction, options);
 }
@@ -502,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args_cuda(input, target, weight, label_smoothing, reduction);
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
   TORCH_CHECK(
       p.input.is_same(input) && input.is_contiguous(),
       "fused_softmax: input: the in-place gradient needs contiguous (rows, classes) logits, got strides ",
@@ -516,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_cuda(
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args_cuda(input, target, weight, label_smoothing, reduction);
+  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
   auto [loss, stats] = forward_and_unit_grad_cuda(p, ignore_index, label_smoothing, reduction, options, grad);
@@ -529,7 +541,7 @@ at::Tensor cross_entropy_bwd_cuda(
     int64_t reduction, double logit_scale, double softcap, double z_loss, int64_t class_start, int64_t num_classes) {
   const LogitOptions options = check_options(logit_scale, softcap, z_loss);
   const PreparedArgs p =  // checks devices first
-      prepare_args_cuda(input, target, weight, label_smoothing, reduction, class_start, num_classes);
+      prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
   check_backward_args(grad_loss, p.input, stats, reduction);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
