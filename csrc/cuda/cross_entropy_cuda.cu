@@ -3,14 +3,17 @@
 // implementation of the same contract.
 //
 // Schedule: a group of kThreads consecutive threads owns one row at a time.
-// __launch_bounds__(kBlock, 1) lets ptxas use the registers it needs: with the
-// default occupancy target it capped the kernels at 64 and spilled.
 //   small C: kThreads = 32 (a warp per row, several rows per block; no __syncthreads)
 //   large C: kThreads = kBlock (the whole block per row)
 // Rows are visited grid-stride, so any N works with a bounded grid.
+// Blocks of 256 threads, at least two resident per SM (__launch_bounds__): while
+// one block merges a row's statistics across its warps (its loads drained, a
+// barrier), another keeps loading. Two blocks per SM allow ptxas 128 registers a
+// thread; with the default occupancy target it capped the kernels at 64 and spilled.
 //
 // Forward reads each row once: every thread keeps an online (max, sum of exp)
-// over its elements, loaded 16 bytes at a time, and the group merges them.
+// over its elements, loaded 16 bytes at a time, kPacksInFlight loads at once,
+// and the group merges them.
 // Backward reads the row once more and writes the gradient once.
 // All offsets are int64; nothing synchronises with the host.
 #include "../cross_entropy.h"
@@ -30,7 +33,8 @@ namespace fused_softmax {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kBlock = 512;      // threads per block for both schedules
+constexpr int kBlock = 256;        // threads per block for both schedules
+constexpr int kMinBlocksPerSM = 2;  // see the schedule above
 constexpr int64_t kSmallC = 1024;  // up to this many classes a warp owns a row
 
 // kVec elements loaded or stored as one 16-byte access (1 element in heads and tails).
@@ -38,20 +42,62 @@ template <typename scalar_t, int kVec>
 struct alignas(sizeof(scalar_t) * kVec) Pack {
   static constexpr int size = kVec;
   scalar_t v[kVec];
+
+  // A full pack moves as one uint4, so it stays one 16-byte LDG.128 / STG.128. Copied as a struct
+  // it was split into an access per element (2- and 4-byte loads in the SASS), as the code between
+  // the elements' uses branches (exp_of, the target).
+  static __device__ __forceinline__ Pack load(const scalar_t* p) {
+    Pack pack;
+    if constexpr (sizeof(Pack) == sizeof(uint4)) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      memcpy(&pack, &raw, sizeof raw);
+    } else {
+      pack = *reinterpret_cast<const Pack*>(p);
+    }
+    return pack;
+  }
+  __device__ __forceinline__ void store(scalar_t* p) const {
+    if constexpr (sizeof(Pack) == sizeof(uint4)) {
+      uint4 raw;
+      memcpy(&raw, this, sizeof raw);
+      *reinterpret_cast<uint4*>(p) = raw;
+    } else {
+      *reinterpret_cast<Pack*>(p) = *this;
+    }
+  }
 };
+
+// Packs a thread loads before it uses the first: the loads are in flight together (memory-level
+// parallelism). One 16-byte load at a time per thread keeps too few bytes in flight to fill HBM
+// with 512-1024 threads per SM. The compiler cannot hoist them itself: the backward's stores may
+// alias the rows (the in-place gradient), and they do, but only the pack just read.
+constexpr int kPacksInFlight = 4;
 
 // Calls f(col, pack) for the packs of row[0, C) that thread `lane` of its group
 // owns: a scalar head up to the row's first 16-byte boundary, the aligned body
-// in kVec-element packs, then a scalar tail. kVec = 1 visits element by element.
+// in kVec-element packs (kPacksInFlight loaded at a time), then a scalar tail.
+// kVec = 1 visits element by element.
 template <int kThreads, int kVec, typename scalar_t, typename F>
 __device__ __forceinline__ void for_each_pack(const scalar_t* row, int64_t C, int lane, F&& f) {
+  using P = Pack<scalar_t, kVec>;
   const auto first = reinterpret_cast<uintptr_t>(row) / sizeof(scalar_t);
   const int64_t to_boundary = (kVec - first % kVec) % kVec;  // elements before the first 16-byte boundary
   const int64_t head = to_boundary < C ? to_boundary : C;
   if (lane < head) f(int64_t(lane), Pack<scalar_t, 1>{{row[lane]}});
   const int64_t packs = (C - head) / kVec;
-  const auto* body = reinterpret_cast<const Pack<scalar_t, kVec>*>(row + head);
-  for (int64_t k = lane; k < packs; k += kThreads) f(head + k * kVec, body[k]);
+  const scalar_t* body = row + head;
+  // This thread's packs are lane, lane + kThreads, ...; a batch holds the next kPacksInFlight of them.
+  for (int64_t k = lane; k < packs; k += kPacksInFlight * kThreads) {
+    P batch[kPacksInFlight];
+#pragma unroll
+    for (int u = 0; u < kPacksInFlight; ++u) {
+      if (k + u * kThreads < packs) batch[u] = P::load(body + (k + u * kThreads) * kVec);
+    }
+#pragma unroll
+    for (int u = 0; u < kPacksInFlight; ++u) {
+      if (k + u * kThreads < packs) f(head + (k + u * kThreads) * kVec, batch[u]);
+    }
+  }
   for (int64_t j = head + packs * kVec + lane; j < C; j += kThreads) f(j, Pack<scalar_t, 1>{{row[j]}});
 }
 
@@ -101,13 +147,15 @@ struct RowState {
     if (mass != 0) mass_dot -= (m - max) * mass;  // guarded: an empty state may sit at the lowest value
     max = m;
   }
-  __device__ __forceinline__ void add(acc_t x) {
-    if (x > max) {  // a NaN never takes this branch; it poisons sum instead
-      rebase(x);
-      sum += acc_t(1);
-    } else {
-      sum += exp_of(x - max);
-    }
+  // Adds a pack's logits: one rebase to the pack's max, then an exp per element, no branch.
+  template <int n>
+  __device__ __forceinline__ void add(const acc_t (&x)[n]) {
+    acc_t m = max;
+#pragma unroll
+    for (int k = 0; k < n; ++k) m = fmax(m, x[k]);  // skips a NaN, whose exp poisons sum instead
+    if (m > max) rebase(m);
+#pragma unroll
+    for (int k = 0; k < n; ++k) sum += exp_of(x[k] - max);
   }
   __device__ __forceinline__ void add_mass(acc_t q, acc_t x) {  // after add(x)
     mass += q;
@@ -261,7 +309,7 @@ struct RowTarget {
 };
 
 template <typename scalar_t, int kThreads>
-__global__ void __launch_bounds__(kBlock, 1) cross_entropy_fwd_kernel(
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_fwd_kernel(
     KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, at::opmath_type<scalar_t>* loss,
     at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -276,11 +324,14 @@ __global__ void __launch_bounds__(kBlock, 1) cross_entropy_fwd_kernel(
     const RowTarget<scalar_t, acc_t> target(a, i);
     RowState<acc_t> s{lowest<acc_t>(), 0, 0, 0};
     for_each_pack<kThreads, kVec>(row, a.C, lane, [&](int64_t col, const auto& pack) {
+      constexpr int n = std::decay_t<decltype(pack)>::size;
+      acc_t v[n];
 #pragma unroll
-      for (int k = 0; k < pack.size; ++k) {
-        const acc_t v = transform(a, static_cast<acc_t>(pack.v[k]));
-        s.add(v);
-        if (target.has_spread) s.add_mass(target.spread.at(col + k), v);
+      for (int k = 0; k < n; ++k) v[k] = transform(a, static_cast<acc_t>(pack.v[k]));
+      s.add(v);
+      if (target.has_spread) {
+#pragma unroll
+        for (int k = 0; k < n; ++k) s.add_mass(target.spread.at(col + k), v[k]);
       }
     });
     s = group_merge<kThreads>(s, smem);
@@ -308,7 +359,7 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, RowState<acc_t>* smem) {
 }
 
 template <typename scalar_t, int kThreads>
-__global__ void __launch_bounds__(kBlock, 1) cross_entropy_bwd_kernel(
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_bwd_kernel(
     KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
@@ -346,7 +397,7 @@ __global__ void __launch_bounds__(kBlock, 1) cross_entropy_bwd_kernel(
         o.v[k] = target.ignored ? scalar_t(0)
                                 : static_cast<scalar_t>(g * (exp_of((x - row_max) - log_sum) * S - q) * slope(a, x));
       }
-      *reinterpret_cast<decltype(o)*>(out + col) = o;
+      o.store(out + col);
     };
     // 16-byte stores need the output row to share the input row's alignment; else element by element.
     if (head_offset<scalar_t>(row) == head_offset<scalar_t>(out)) {
