@@ -1,0 +1,59 @@
+"""The compiled CUDA kernels read without a GPU: their machine code (SASS, through cuobjdump).
+
+CI builds the CUDA kernels (the machine has nvcc) but cannot run them; these tests hold the
+memory access pattern the kernels were designed for, which a wrong cast can silently undo (it
+did once: every pack was read element by element, 2 or 4 bytes a load).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fused_softmax import _ops
+
+PACKS_IN_FLIGHT = 4  # kPacksInFlight in csrc/cuda/cross_entropy_cuda.cu
+
+
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton  # torch's CUDA builds bring triton, which bundles cuobjdump
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else None
+
+
+def _kernels_sass() -> dict[str, list[str]]:
+    """SASS of each kernel, by name, one entry per GPU architecture built."""
+    if _ops._C is None or not _ops._C.cuda_built():
+        pytest.skip("the CUDA kernels were not built")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (the CUDA toolkit's, or triton's)")
+    sass = subprocess.run([tool, "-sass", _ops._C.__file__], capture_output=True, text=True, check=True).stdout
+    kernels: dict[str, list[str]] = {}
+    for section in sass.split("Function : ")[1:]:
+        name = re.search(r"cross_entropy_(fwd|bwd)_kernel|check_weight_kernel", section.split()[0])
+        if name:
+            kernels.setdefault(name.group(0), []).append(section)
+    return kernels
+
+
+def test_cuda_kernels_move_the_rows_16_bytes_at_a_time_several_in_flight():
+    kernels = _kernels_sass()
+    assert {"cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel"} <= kernels.keys()
+    for name in ("cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel"):
+        for section in kernels[name]:  # each dtype and schedule, each architecture
+            loads = re.findall(r"\bLDG\.[\w.]*128\b", section)
+            assert len(loads) >= PACKS_IN_FLIGHT, f"{section.split()[0]}: {len(loads)} 16-byte loads"
+            if name == "cross_entropy_bwd_kernel":
+                stores = re.findall(r"\bSTG\.[\w.]*128\b", section)
+                assert len(stores) >= PACKS_IN_FLIGHT, f"{section.split()[0]}: {len(stores)} 16-byte stores"
