@@ -22,12 +22,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# pytest is not always on the GPU machine: install it from wheels carried in .gpu_wheels/ if needed
-# (prepare them here with `pip download pytest -d .gpu_wheels` and name .gpu_wheels in the run's carry).
-if ! python3 -c "import pytest" 2>/dev/null && [ -d .gpu_wheels ]; then
-  python3 -m pip install --quiet --no-index --find-links .gpu_wheels --target /tmp/gpu_check_site pytest \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+# pytest and Liger-Kernel (a peer in the benchmark) are not always on the GPU machine: install them
+# from wheels carried in .gpu_wheels/ if needed. Prepare them here with
+#   pip download pytest -d .gpu_wheels && pip download --no-deps liger-kernel -d .gpu_wheels
+# and name .gpu_wheels in the run's carry. (quack needs the CUTLASS DSL's wheels, over the carry limit.)
+if [ -d .gpu_wheels ]; then
+  python3 -c "import pytest" 2>/dev/null \
+    || python3 -m pip install --quiet --no-index --find-links .gpu_wheels --target /tmp/gpu_check_site pytest
+  python3 -c "import liger_kernel" 2>/dev/null \
+    || python3 -m pip install --quiet --no-index --no-deps --find-links .gpu_wheels --target /tmp/gpu_check_site liger-kernel
+  export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
 fi
+python3 -c "import liger_kernel" 2>/dev/null && echo "liger-kernel: importable" || echo "liger-kernel: not importable"
 
 status "build"
 cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")

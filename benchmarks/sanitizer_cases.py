@@ -25,10 +25,13 @@ def main() -> None:
         fused_softmax.cross_entropy(base.requires_grad_(True), y, reduction="sum").backward()
         probs = torch.softmax(torch.randn(n, c, device="cuda"), 1).to(dtype)
         fused_softmax.cross_entropy(x, probs, label_smoothing=0.05).backward()
+        if dtype in (torch.float16, torch.bfloat16):  # float32 probabilities, read as they are
+            fused_softmax.cross_entropy(x, probs.float()).backward()
         options = {"z_loss": 1e-3, "softcap": 5.0, "logit_scale": 0.7}
         fused_softmax.cross_entropy(x, y, **options, **kwargs).backward()
-        logits = x.detach().clone().requires_grad_(True) * 1.0  # non-leaf: the in-place gradient
-        fused_softmax.cross_entropy(logits, y, inplace_backward=True, **options, **kwargs).backward()
+        for extra in ({}, options):  # the in-place gradient, plain and with every option
+            logits = x.detach().clone().requires_grad_(True) * 1.0  # non-leaf
+            fused_softmax.cross_entropy(logits, y, inplace_backward=True, **extra, **kwargs).backward()
         # The backward op on a block of columns (linear cross-entropy's 16-bit weight gradient).
         w = torch.randn(c, 16, device="cuda", dtype=dtype, requires_grad=True)
         h = torch.randn(n, 16, device="cuda", dtype=dtype)

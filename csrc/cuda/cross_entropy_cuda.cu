@@ -254,19 +254,24 @@ struct KernelArgs {
   int64_t g_stride;      // 0 when autograd expanded one value
 };
 
+// The kernels come in two kinds. kPlain ones serve the common case, class indices without label
+// smoothing and logits as they are (logit_scale 1, no softcap), with the per-element branches of
+// those options compiled away (the backward ran ~35 instructions an element, near what HBM allows
+// an SM for 16-bit rows); the others serve every option.
+
 // The logits as the softmax sees them: x = scale * r, or cap * tanh(scale * r / cap) with a
 // softcap; -inf stays -inf so that padding never takes probability mass.
-template <typename scalar_t, typename acc_t>
+template <bool kPlain, typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t transform(const KernelArgs<scalar_t, acc_t>& a, acc_t r) {
-  if (!a.transformed) return r;
+  if (kPlain || !a.transformed) return r;
   const acc_t x = r * a.scale;
   return a.cap > 0 && x != -INFINITY ? a.cap * tanh(x / a.cap) : x;
 }
 
 // dx / dr at x = transform(r); 0 at x = -inf, where the gradient before it is 0 too.
-template <typename scalar_t, typename acc_t>
+template <bool kPlain, typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t slope(const KernelArgs<scalar_t, acc_t>& a, acc_t x) {
-  if (!a.transformed) return acc_t(1);
+  if (kPlain || !a.transformed) return acc_t(1);
   if (a.cap == 0) return a.scale;
   const acc_t t = x / a.cap;
   return x == -INFINITY ? acc_t(0) : a.scale * (acc_t(1) - t * t);
@@ -308,7 +313,7 @@ struct RowTarget {
   }
 };
 
-template <typename scalar_t, int kThreads>
+template <typename scalar_t, int kThreads, bool kPlain>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_fwd_kernel(
     KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, at::opmath_type<scalar_t>* loss,
     at::opmath_type<scalar_t>* stats) {
@@ -327,9 +332,9 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_fwd_ker
       constexpr int n = std::decay_t<decltype(pack)>::size;
       acc_t v[n];
 #pragma unroll
-      for (int k = 0; k < n; ++k) v[k] = transform(a, static_cast<acc_t>(pack.v[k]));
+      for (int k = 0; k < n; ++k) v[k] = transform<kPlain>(a, static_cast<acc_t>(pack.v[k]));
       s.add(v);
-      if (target.has_spread) {
+      if (!kPlain && target.has_spread) {
 #pragma unroll
         for (int k = 0; k < n; ++k) s.add_mass(target.spread.at(col + k), v[k]);
       }
@@ -343,7 +348,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_fwd_ker
         loss[i] = 0;
       } else {
         // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - max) so no large terms cancel.
-        const acc_t x_y = transform(a, static_cast<acc_t>(row[target.y >= 0 ? target.y : 0]));
+        const acc_t x_y = transform<kPlain>(a, static_cast<acc_t>(row[target.y >= 0 ? target.y : 0]));
         const acc_t y_term = target.y >= 0 ? log_sum - (x_y - s.max) : acc_t(0);
         const acc_t lse = s.max + log_sum;
         loss[i] = target.target_coef * y_term + (s.mass * log_sum - s.mass_dot) + a.z_loss * lse * lse;
@@ -358,7 +363,7 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, RowState<acc_t>* smem) {
   return group_merge<kThreads>(RowState<acc_t>{lowest<acc_t>(), acc_t(0), v, acc_t(0)}, smem).mass;
 }
 
-template <typename scalar_t, int kThreads>
+template <typename scalar_t, int kThreads, bool kPlain>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_bwd_kernel(
     KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -372,7 +377,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_bwd_ker
     scalar_t* out = dx + i * a.C;  // the gradient is contiguous
     const RowTarget<scalar_t, acc_t> target(a, i);
     acc_t S;  // the row's total target mass
-    if (a.t) {  // summed over all the classes, not only x's
+    if (!kPlain && a.t) {  // summed over all the classes, not only x's
       acc_t partial = 0;
       for (int64_t c = lane; c < a.classes; c += kThreads) partial += target.spread.at(c);
       S = group_sum<kThreads>(partial, smem);
@@ -387,16 +392,16 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_bwd_ker
     S += 2 * a.z_loss * (row_max + log_sum);  // the z-loss gradient 2 z lse p_c
     auto write = [&](int64_t col, const auto& pack) {
       Pack<scalar_t, std::decay_t<decltype(pack)>::size> o;
+      const int64_t y_at = target.y - (a.col0 + col);  // the target class's place in the pack, if there
 #pragma unroll
       for (int k = 0; k < pack.size; ++k) {
-        const int64_t c = a.col0 + col + k;  // the class of column col + k
-        acc_t q = c == target.y ? target.target_coef : acc_t(0);
-        if (target.has_spread) q += target.spread.at(c);
+        acc_t q = k == y_at ? target.target_coef : acc_t(0);
+        if (!kPlain && target.has_spread) q += target.spread.at(a.col0 + col + k);  // class a.col0 + col + k
         // The target class is formed here in acc_t and rounded once: p_y * S - q_y nearly cancels.
-        const acc_t x = transform(a, static_cast<acc_t>(pack.v[k]));
-        o.v[k] = target.ignored ? scalar_t(0)
-                                : static_cast<scalar_t>(g * (exp_of((x - row_max) - log_sum) * S - q) * slope(a, x));
+        const acc_t x = transform<kPlain>(a, static_cast<acc_t>(pack.v[k]));
+        o.v[k] = static_cast<scalar_t>(g * (exp_of((x - row_max) - log_sum) * S - q) * slope<kPlain>(a, x));
       }
+      if (target.ignored) o = {};  // once a pack, not a branch an element; the logits may be anything
       o.store(out + col);
     };
     // 16-byte stores need the output row to share the input row's alignment; else element by element.
@@ -449,9 +454,10 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
   return a;
 }
 
-// Launches kernel<scalar_t, kThreads> with the schedule that suits C.
-template <typename scalar_t, template <typename, int> class Launch, typename... Args>
-void launch_for_classes(int64_t N, int64_t C, Args&&... args) {
+// Launches kernel<scalar_t, kThreads, kPlain> with the schedule that suits C and the kind that
+// suits the options.
+template <typename scalar_t, template <typename, int, bool> class Launch, typename acc_t, typename... Rest>
+void launch_for_classes(int64_t N, int64_t C, const KernelArgs<scalar_t, acc_t>& a, Rest... rest) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool small = C <= kSmallC;
   const int64_t rows_per_block = small ? kBlock / kWarp : 1;
@@ -459,27 +465,32 @@ void launch_for_classes(int64_t N, int64_t C, Args&&... args) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   const int64_t max_blocks = int64_t(sms) * 64;  // enough to fill the GPU; rows beyond are walked grid-stride
   const dim3 grid(static_cast<unsigned>(std::min((N + rows_per_block - 1) / rows_per_block, max_blocks)));
-  if (small) {
-    Launch<scalar_t, kWarp>::run(grid, stream, std::forward<Args>(args)...);
+  const bool plain = !a.transformed && !a.t && a.eps == 0;  // see kPlain above
+  if (small && plain) {
+    Launch<scalar_t, kWarp, true>::run(grid, stream, a, rest...);
+  } else if (small) {
+    Launch<scalar_t, kWarp, false>::run(grid, stream, a, rest...);
+  } else if (plain) {
+    Launch<scalar_t, kBlock, true>::run(grid, stream, a, rest...);
   } else {
-    Launch<scalar_t, kBlock>::run(grid, stream, std::forward<Args>(args)...);
+    Launch<scalar_t, kBlock, false>::run(grid, stream, a, rest...);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, int kThreads>
+template <typename scalar_t, int kThreads, bool kPlain>
 struct LaunchFwd {
   template <typename... Args>
   static void run(dim3 grid, cudaStream_t stream, Args... args) {
-    cross_entropy_fwd_kernel<scalar_t, kThreads><<<grid, kBlock, 0, stream>>>(args...);
+    cross_entropy_fwd_kernel<scalar_t, kThreads, kPlain><<<grid, kBlock, 0, stream>>>(args...);
   }
 };
 
-template <typename scalar_t, int kThreads>
+template <typename scalar_t, int kThreads, bool kPlain>
 struct LaunchBwd {
   template <typename... Args>
   static void run(dim3 grid, cudaStream_t stream, Args... args) {
-    cross_entropy_bwd_kernel<scalar_t, kThreads><<<grid, kBlock, 0, stream>>>(args...);
+    cross_entropy_bwd_kernel<scalar_t, kThreads, kPlain><<<grid, kBlock, 0, stream>>>(args...);
   }
 };
 
