@@ -1,5 +1,6 @@
 """The CUDA kernels checked without a GPU: their machine code (SASS, through cuobjdump), and the
-row walk they share (csrc/cuda/row_packs.cuh) compiled for the host.
+row walk and row statistics they share (csrc/cuda/row_packs.cuh, row_state.cuh) compiled for the
+host and run there (tests/row_*_host.cpp).
 
 CI builds the CUDA kernels (the machine has nvcc) but cannot run them; these tests hold the
 memory access pattern the kernels were designed for, which a wrong cast can silently undo (it
@@ -62,13 +63,20 @@ def test_cuda_kernels_move_the_rows_16_bytes_at_a_time_several_in_flight():
                 assert stores, f"{section.split()[0]}: no 16-byte stores"
 
 
-def test_row_walk_visits_every_element_once_on_the_host(tmp_path):
+@pytest.mark.parametrize(
+    "harness",
+    [
+        "row_packs_host.cpp",  # every element visited once, for any C, alignment, group size, pack width
+        "row_state_host.cpp",  # log-sum-exp and target term against float64, inf and NaN rows included
+    ],
+)
+def test_cuda_row_code_on_the_host(harness, tmp_path):
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no C++ compiler")
-    exe = tmp_path / "row_packs_host"
+    exe = tmp_path / Path(harness).stem
     flags = ["-std=c++20", "-O1", "-Wall", "-Wno-unknown-pragmas"]
-    subprocess.run([compiler, *flags, str(HERE / "row_packs_host.cpp"), "-o", str(exe)], check=True)
+    subprocess.run([compiler, *flags, str(HERE / harness), "-o", str(exe)], check=True)
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     assert "0 failures" in result.stdout

@@ -19,6 +19,7 @@
 // All offsets are int64; nothing synchronises with the host.
 #include "../cross_entropy.h"
 #include "row_packs.cuh"
+#include "row_state.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,7 +29,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cfloat>
 #include <cstdint>
 
 namespace fused_softmax {
@@ -39,73 +39,6 @@ constexpr int kQuad = 4;           // threads per row for tiny C
 constexpr int kBlock = 256;        // threads per block for every schedule
 constexpr int kMinBlocksPerSM = 2;  // see the schedule above
 constexpr int64_t kSmallC = 1024;  // up to this many classes a warp owns a row (tiny C: see launch_for_classes)
-
-// exp via exp2 on float. The argument is x - max, formed before the multiply so
-// large logits lose no precision. p = v * log2(e) is rounded: half an ulp of up to
-// 126 is 4e-6 relative in the result (65 ulp); its error, recovered exactly by an
-// FMA (with log2(e)'s low part), corrects exp2(p) to first order: a few ulp, as
-// the CPU kernel's exp, for three FMAs in a kernel bound by memory. Not for -inf,
-// NaN or an overflowing p (their exp2 is exact: 0, NaN, inf).
-__device__ __forceinline__ float exp_of(float v) {
-  constexpr float kLog2eHi = 1.44269502f, kLog2eLo = 1.92596303e-8f, kLn2 = 0.693147182f;
-  const float p = v * kLog2eHi;
-  const float r = exp2f(p);
-  if (!isfinite(p)) return r;
-  const float error = fmaf(v, kLog2eLo, fmaf(v, kLog2eHi, -p));  // v * log2(e) - p
-  return fmaf(r, error * kLn2, r);
-}
-__device__ __forceinline__ double exp_of(double v) {
-  return exp(v);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t lowest() {
-  return sizeof(acc_t) == 4 ? acc_t(-FLT_MAX) : acc_t(-DBL_MAX);
-}
-
-// Online softmax statistics of a part of a row, plus the spread target mass
-// q_c and sum_c q_c * (x_c - max) over it. Sums stay relative to the running
-// max, so logits near 1e4 lose nothing to cancellation.
-template <typename acc_t>
-struct RowState {
-  acc_t max;       // running max; starts at the lowest finite value so -inf adds exp(-inf) = 0
-  acc_t sum;       // sum of exp(x - max)
-  acc_t mass;      // sum of spread q_c
-  acc_t mass_dot;  // sum of spread q_c * (x_c - max)
-
-  // Moves the sums to a new max m >= max.
-  __device__ __forceinline__ void rebase(acc_t m) {
-    sum *= exp_of(max - m);
-    if (mass != 0) mass_dot -= (m - max) * mass;  // guarded: an empty state may sit at the lowest value
-    max = m;
-  }
-  // Adds a pack's logits: one rebase to the pack's max, then an exp per element, no branch.
-  template <int n>
-  __device__ __forceinline__ void add(const acc_t (&x)[n]) {
-    acc_t m = max;
-#pragma unroll
-    for (int k = 0; k < n; ++k) m = fmax(m, x[k]);  // skips a NaN, whose exp poisons sum instead
-    if (m > max) rebase(m);
-#pragma unroll
-    for (int k = 0; k < n; ++k) sum += exp_of(x[k] - max);
-  }
-  __device__ __forceinline__ void add_mass(acc_t q, acc_t x) {  // after add(x)
-    mass += q;
-    mass_dot += q * (x - max);
-  }
-  __device__ __forceinline__ void merge(RowState o) {
-    const acc_t m = max > o.max ? max : o.max;
-    rebase(m);
-    o.rebase(m);
-    sum += o.sum;
-    mass += o.mass;
-    mass_dot += o.mass_dot;
-  }
-  // log(sum), with +inf (a +inf logit) giving NaN for the row, as in torch.
-  __device__ __forceinline__ acc_t log_sum() const {
-    return isinf(max) ? acc_t(NAN) : log(sum);
-  }
-};
 
 template <typename acc_t>
 __device__ __forceinline__ RowState<acc_t> shuffle_xor(const RowState<acc_t>& s, int offset) {
