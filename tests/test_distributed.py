@@ -1,4 +1,5 @@
-"""vocab_parallel_cross_entropy on 2 gloo processes against the single-process op on the gathered logits."""
+"""vocab_parallel_cross_entropy on 2 processes against the single-process op on the gathered logits: gloo on
+the CPU, gloo with CUDA tensors (both ranks on one GPU), and nccl with a GPU per rank where there are two."""
 
 from __future__ import annotations
 
@@ -40,18 +41,23 @@ def problem(dtype: torch.dtype, case: dict, n: int = 23) -> tuple[torch.Tensor, 
     return logits, target, kwargs
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def worker(rank: int, port: int, out_dir: str, backend: str, device: str) -> None:
+    if backend == "nccl":  # a GPU per rank
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         for dtype in (torch.float32, torch.bfloat16):
             for k, (case, widths) in enumerate(CASES):
                 logits, target, kwargs = problem(dtype, case)
                 start = sum(widths[:rank])
-                local = logits[:, start : start + widths[rank]].clone().requires_grad_()
-                loss = vocab_parallel_cross_entropy(local, target, **kwargs)
+                local = logits[:, start : start + widths[rank]].to(device).requires_grad_()
+                kwargs = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in kwargs.items()}
+                loss = vocab_parallel_cross_entropy(local, target.to(device), **kwargs)
                 v = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
                 (loss.double() * v).sum().backward()
-                torch.save({"loss": loss.detach(), "grad": local.grad}, os.path.join(out_dir, f"{rank}-{dtype}-{k}.pt"))
+                result = {"loss": loss.detach().cpu(), "grad": local.grad.cpu()}
+                torch.save(result, os.path.join(out_dir, f"{rank}-{dtype}-{k}.pt"))
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -63,8 +69,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_match_the_gathered_logits(tmp_path):
-    mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+BACKENDS = [("gloo", "cpu")]
+if torch.cuda.is_available():
+    BACKENDS.append(("gloo", "cuda"))  # both ranks on one GPU: the CUDA kernels' class blocks
+    BACKENDS.append(
+        pytest.param(
+            "nccl",
+            "cuda",
+            marks=pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"nccl needs {WORLD} GPUs"),
+        )
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_two_ranks_match_the_gathered_logits(tmp_path, backend, device):
+    args = (free_port(), str(tmp_path), backend, device)
+    mp.start_processes(worker, args=args, nprocs=WORLD, start_method="spawn")
     for dtype in (torch.float32, torch.bfloat16):
         for k, (case, widths) in enumerate(CASES):
             logits, target, kwargs = problem(dtype, case)
