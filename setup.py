@@ -100,10 +100,10 @@ def extension():
     # an add where it sees fit, differently in different inlined copies of the same arithmetic: the
     # forward-formed and the recomputed gradient, which must agree bit for bit, did not (AVX2, float64).
     # The C++ standard is the one torch.utils.cpp_extension picks.
-    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", *vec_flags]
-    link = ["-fopenmp"]
+    flags = ["-ffp-contract=off", "-fopenmp", *vec_flags]
+    cxx, link = ["-O3", *flags], ["-fopenmp"]
     if SANITIZE:
-        cxx, link = ["-O1", "-ffp-contract=off", "-fopenmp", *vec_flags, *SANITIZER_FLAGS], link + SANITIZER_FLAGS
+        cxx, link = ["-O1", *flags, *SANITIZER_FLAGS], link + SANITIZER_FLAGS
     sources = ["csrc/cross_entropy.cpp", "csrc/cross_entropy_autograd.cpp", "csrc/cpu/cross_entropy_cpu.cpp"]
     if not want_cuda():
         print(

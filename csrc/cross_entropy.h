@@ -35,6 +35,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Optional.h>
 
 namespace fused_softmax {
@@ -79,6 +80,38 @@ PreparedArgs prepare_args(
     int64_t reduction,
     int64_t class_start = 0,
     int64_t num_classes = 0);
+
+// Class probabilities as both kernels read them: in the logits' dtype (scalar_t), or in float32
+// (acc_t) for 16-bit logits, read as they are (rounded to 16 bits, a few rows' losses lost digits
+// that torch keeps: 4 x 5 bf16, 4.5e-4 relative against 2.6e-5). One flag, the same for a whole
+// call, instead of a second instantiation of every kernel.
+template <typename acc_t, typename scalar_t>
+struct Probabilities {
+  const void* p = nullptr;  // nullptr: class indices
+  bool wide = false;        // acc_t elements, else scalar_t
+
+  C10_HOST_DEVICE explicit operator bool() const { return p != nullptr; }
+  C10_HOST_DEVICE Probabilities operator+(int64_t k) const {  // k elements on
+    if (!p) return *this;
+    return {wide ? static_cast<const void*>(static_cast<const acc_t*>(p) + k)
+                 : static_cast<const void*>(static_cast<const scalar_t*>(p) + k),
+            wide};
+  }
+  // f(elements), with elements a const acc_t* or a const scalar_t*.
+  template <typename F>
+  C10_HOST_DEVICE auto visit(F&& f) const {
+    return wide ? f(static_cast<const acc_t*>(p)) : f(static_cast<const scalar_t*>(p));
+  }
+};
+
+// The probabilities of p's target (none for class indices).
+template <typename acc_t, typename scalar_t>
+Probabilities<acc_t, scalar_t> probabilities_of(const PreparedArgs& p) {
+  if (!p.probabilities) return {};
+  const bool wide = p.target.scalar_type() != p.input.scalar_type();
+  TORCH_INTERNAL_ASSERT(!wide || p.target.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+  return {p.target.const_data_ptr(), wide};
+}
 
 // Returns the CPU kernel's cached gradient memory (the last large gradient's mapping, kept for the
 // next one) to the system.

@@ -7,9 +7,7 @@
 #include <cstdio>
 #include <vector>
 
-#define __device__                            // the header's device functions, compiled for the host
-#define __forceinline__ inline
-struct alignas(16) uint4 { unsigned x, y, z, w; };  // CUDA's 16-byte vector type
+#include "cuda_on_host.h"  // first: what the CUDA headers below need on the host
 #include "../csrc/cuda/row_packs.cuh"
 
 using fused_softmax::for_each_pack;

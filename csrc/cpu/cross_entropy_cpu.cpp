@@ -335,26 +335,6 @@ struct Transform {
   }
 };
 
-// Class probabilities in the logits' dtype, or in float32 (acc_t) for 16-bit logits: rounded to 16
-// bits a few rows' losses lost digits that torch keeps (4 x 5 bf16: 4.5e-4 relative against 2.6e-5).
-template <typename acc_t, typename scalar_t>
-struct Probabilities {
-  const void* p = nullptr;  // nullptr: class indices
-  bool wide = false;        // acc_t elements, else scalar_t
-
-  explicit operator bool() const { return p != nullptr; }
-  Probabilities operator+(int64_t k) const {  // k elements on
-    if (!p) return *this;
-    return {wide ? static_cast<const void*>(static_cast<const acc_t*>(p) + k)
-                 : static_cast<const void*>(static_cast<const scalar_t*>(p) + k),
-            wide};
-  }
-  Vectorized<acc_t> load(int64_t j, int64_t n) const {  // elements [j, j + n) as acc_t lanes
-    return wide ? fused_softmax::load<acc_t>(static_cast<const acc_t*>(p) + j, n)
-                : fused_softmax::load<acc_t>(static_cast<const scalar_t*>(p) + j, n);
-  }
-};
-
 // The part of a row's target mass q_c that is spread over classes:
 // q_c = w_c * (a * t_c + b), with t the probability row (none for class
 // indices, whose single target class is added separately) and w the class
@@ -369,7 +349,7 @@ struct SpreadMass {
   Vectorized<acc_t> at(int64_t j, int64_t n) const {
     using Vec = Vectorized<acc_t>;
     Vec q(b);
-    if (t) q = at::vec::fmadd(Vec(a), t.load(j, n), q);
+    if (t) q = at::vec::fmadd(Vec(a), t.visit([&](const auto* e) { return load<acc_t>(e + j, n); }), q);
     if (w) q = q * load<acc_t>(w + j, n);
     return Vec::set(Vec(0), q, n);  // lanes past the row carry no mass
   }
@@ -974,8 +954,8 @@ Problem<scalar_t> make_problem(const PreparedArgs& p, int64_t ignore_index, doub
   P.C = p.input.size(1);
   P.col0 = p.class_start;
   P.classes = p.num_classes;
+  P.t = probabilities_of<acc_t, scalar_t>(p);
   if (p.probabilities) {
-    P.t = {p.target.const_data_ptr(), p.target.scalar_type() != p.input.scalar_type()};
     P.t_stride = p.target.stride(0);
   } else {
     P.y = p.target.const_data_ptr<int64_t>();

@@ -64,35 +64,16 @@ __device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> s, RowSta
   return s;
 }
 
-// A row of class probabilities: in the logits' dtype, or float32 (acc_t) for 16-bit logits, read
-// as they are rather than rounded to 16 bits first. The flag is the same for every thread of a
-// launch, so one kernel serves both without diverging.
-template <typename scalar_t, typename acc_t>
-struct Probabilities {
-  const void* p = nullptr;  // nullptr: class indices
-  bool wide = false;        // acc_t elements, else scalar_t
-
-  __host__ __device__ explicit operator bool() const { return p != nullptr; }
-  __device__ __forceinline__ Probabilities operator+(int64_t k) const {  // k elements on
-    return {wide ? static_cast<const void*>(static_cast<const acc_t*>(p) + k)
-                 : static_cast<const void*>(static_cast<const scalar_t*>(p) + k),
-            wide};
-  }
-  __device__ __forceinline__ acc_t operator[](int64_t c) const {
-    return wide ? static_cast<const acc_t*>(p)[c] : static_cast<acc_t>(static_cast<const scalar_t*>(p)[c]);
-  }
-};
-
 // The spread part of a row's target mass: w_c * (a * t_c + b); no t for class indices
 // (whose target class is added separately), w == nullptr for all ones.
 template <typename scalar_t, typename acc_t>
 struct SpreadMass {
-  Probabilities<scalar_t, acc_t> t;
+  Probabilities<acc_t, scalar_t> t;
   const acc_t* w;
   acc_t a;
   acc_t b;
   __device__ __forceinline__ acc_t at(int64_t c) const {
-    const acc_t q = t ? a * static_cast<acc_t>(t[c]) + b : b;
+    const acc_t q = t ? a * t.visit([c](const auto* e) { return static_cast<acc_t>(e[c]); }) + b : b;
     return w ? q * w[c] : q;
   }
 };
@@ -106,7 +87,7 @@ struct KernelArgs {
   int64_t col0;          // x's columns are the classes [col0, col0 + C) (a block: backward only)
   int64_t classes;       // of this many (C unless a block)
   const int64_t* y;      // class indices, or nullptr
-  Probabilities<scalar_t, acc_t> t;  // class probabilities, or none
+  Probabilities<acc_t, scalar_t> t;  // class probabilities, or none
   int64_t t_stride;
   const acc_t* w;        // class weights, or nullptr
   const acc_t* w_sum;    // backward: sum of w, or nullptr
@@ -313,10 +294,8 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
   a.C = p.input.size(1);
   a.col0 = p.class_start;
   a.classes = p.num_classes;
+  a.t = probabilities_of<acc_t, scalar_t>(p);
   if (p.probabilities) {
-    const bool wide = p.target.scalar_type() != p.input.scalar_type();
-    TORCH_INTERNAL_ASSERT(!wide || p.target.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
-    a.t = {p.target.const_data_ptr(), wide};
     a.t_stride = p.target.stride(0);
   } else {
     a.y = p.target.const_data_ptr<int64_t>();
