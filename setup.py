@@ -104,7 +104,12 @@ def extension():
     cxx, link = ["-O3", *flags], ["-fopenmp"]
     if SANITIZE:
         cxx, link = ["-O1", *flags, *SANITIZER_FLAGS], link + SANITIZER_FLAGS
-    sources = ["csrc/cross_entropy.cpp", "csrc/cross_entropy_autograd.cpp", "csrc/cpu/cross_entropy_cpu.cpp"]
+    sources = [
+        "csrc/register.cpp",
+        "csrc/cross_entropy.cpp",
+        "csrc/cross_entropy_autograd.cpp",
+        "csrc/cpu/cross_entropy_cpu.cpp",
+    ]
     if not want_cuda():
         print(
             f"fused_softmax: building the CPU kernel ({vec_name}{', sanitizers' if SANITIZE else ''}); "

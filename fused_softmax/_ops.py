@@ -1,7 +1,7 @@
 """The compiled ops, their torch.library registrations, and the fallback.
 
 torch.ops.fused_softmax.cross_entropy_fwd / _bwd / _fwd_inplace / _fwd_grad are defined in
-csrc/cross_entropy.cpp; the dispatcher runs the CPU or CUDA kernel, and the
+csrc/register.cpp; the dispatcher runs the CPU or CUDA kernel, and the
 forward's autograd is registered in C++ (csrc/cross_entropy_autograd.cpp). Here
 they get fake kernels (shapes only, so torch.compile can trace them). If the
 extension cannot be loaded, the same math runs in plain PyTorch

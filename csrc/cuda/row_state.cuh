@@ -70,9 +70,15 @@ struct RowState {
     mass += o.mass;
     mass_dot += o.mass_dot;
   }
-  // log(sum), with +inf (a +inf logit) giving NaN for the row, as in torch.
+  // The row's (max, log_sum) as the CPU kernel and fused_softmax.reference give them: NaN log_sum
+  // for a row with a +inf logit or only -inf ones (their loss is NaN, as in torch), whose max is
+  // then -inf, not the lowest finite value the state started at. (A row with a finite logit has
+  // sum >= 1, from its max; a NaN one has sum NaN.)
+  __device__ __forceinline__ acc_t row_max() const {
+    return sum == 0 ? acc_t(-INFINITY) : max;
+  }
   __device__ __forceinline__ acc_t log_sum() const {
-    return isinf(max) ? acc_t(NAN) : log(sum);
+    return isinf(max) || sum == 0 ? acc_t(NAN) : log(sum);
   }
 };
 
