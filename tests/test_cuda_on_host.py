@@ -37,10 +37,16 @@ def sim(tmp_path_factory):
     from torch.utils import cpp_extension
 
     os.environ.setdefault("MAX_JOBS", "2")
+    # Under scripts/test_kernel_build.sh sanitize (the sanitizers' runtimes preloaded), the kernels are
+    # instrumented too: a read or write outside the tensors is an error, not a NaN that may go unseen.
+    sanitize = (
+        ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if os.environ.get("FUSED_SOFTMAX_SANITIZE") else []
+    )
     module = cpp_extension.load(
-        name="cuda_kernels_host",
+        name="cuda_kernels_host_sanitized" if sanitize else "cuda_kernels_host",
         sources=[str(HERE / "cuda_kernels_host.cpp"), str(HERE.parent / "csrc" / "cross_entropy.cpp")],
-        extra_cflags=["-O1", "-std=c++20"],
+        extra_cflags=["-O1", "-std=c++20", *sanitize],
+        extra_ldflags=sanitize,
         build_directory=str(tmp_path_factory.mktemp("cuda_kernels_host")),
     )
     module.set_multiprocessors(1)  # 64 blocks: rows beyond 64 blocks' worth take the grid-stride loop
