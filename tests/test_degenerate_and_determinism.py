@@ -75,6 +75,7 @@ def test_small_classes_block_mixing_ignored_nan_and_strided_grad(device, dtype):
     torch.testing.assert_close(grad[kept], torch_grad[kept], equal_nan=True, **tolerance)
 
 
+@pytest.mark.cpu_kernel
 @pytest.mark.parametrize("shape", [(4096, 1000), (65536, 10), (64, 32000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_identical_for_any_thread_count(shape, dtype):
@@ -95,6 +96,7 @@ def test_bitwise_identical_for_any_thread_count(shape, dtype):
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
+@pytest.mark.cpu_kernel
 def test_gradient_large_enough_for_huge_pages_is_an_ordinary_tensor():
     """A gradient of >= 32 MiB comes from its own huge-page mapping (CPU); it must behave like any other."""
     x = torch.randn(2048, 4100, requires_grad=True)  # 33.6 MB of float32
@@ -122,6 +124,7 @@ def test_gradient_large_enough_for_huge_pages_is_an_ordinary_tensor():
     torch.testing.assert_close(g3, g1, rtol=0, atol=0)
 
 
+@pytest.mark.cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_streamed_gradient_rows_at_every_alignment(dtype):
     """Gradients of >= 32 MiB are written past the caches (AVX-512 builds), each row from its first
@@ -151,6 +154,7 @@ def faults_are_ours() -> None:
         pytest.skip("AddressSanitizer's shadow memory faults pages too")
 
 
+@pytest.mark.cpu_kernel
 @pytest.mark.skipif(sys.platform != "linux", reason="the kept mappings are Linux's")
 def test_gradients_of_alternating_sizes_each_keep_their_mapping():
     """Two losses a step with gradients of different sizes (or training and evaluation batches) must
@@ -173,6 +177,7 @@ def test_gradients_of_alternating_sizes_each_keep_their_mapping():
     assert minor_faults() - faults < 512  # fresh pages: >= 2048 a step
 
 
+@pytest.mark.cpu_kernel
 @pytest.mark.skipif(sys.platform != "linux", reason="the kept mappings are Linux's")
 def test_only_the_last_four_freed_gradient_mappings_are_kept():
     """The kept mappings are bounded: of five gradients freed in turn, the oldest's memory went back to
@@ -196,6 +201,7 @@ def test_only_the_last_four_freed_gradient_mappings_are_kept():
     assert pushed_out >= 256  # pushed out by the four after it: 512 fresh pages
 
 
+@pytest.mark.cpu_kernel
 @pytest.mark.skipif(sys.platform != "linux", reason="the kept mapping is Linux's")
 def test_gradient_of_a_few_mib_is_not_faulted_in_every_step():
     """A 2.6 MB gradient (65536 x 10 float32) came from glibc, which returned it to the system every
@@ -218,6 +224,7 @@ def resident_mib() -> float:
     raise OSError("VmRSS")
 
 
+@pytest.mark.cpu_kernel
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
 def test_empty_cache_returns_the_kept_gradient_memory():
     x = torch.randn(4096, 4096, requires_grad=True)  # a 64 MiB gradient

@@ -317,14 +317,17 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
 }
 
 // Launches kernel(threads, plain), the kernel<scalar_t, kThreads, kPlain> that kernel returns for
-// std::integral_constant arguments, with the schedule that suits C and the kind that suits the options.
+// std::integral_constant arguments, with the schedule that suits the rows and the kind that suits the options.
 template <typename scalar_t, typename Launcher, typename Kernel, typename acc_t, typename... Rest>
 void launch_for_classes(const Launcher& launch, const Kernel& kernel, const KernelArgs<scalar_t, acc_t>& a,
                         Rest... rest) {
   // Tiny rows: 4 lanes load up to kPacksInFlight packs each in one batch, 8 rows to a warp (a warp
   // to such a row left most lanes idle and paid a warp's shuffles for a few hundred bytes).
   constexpr int64_t kTinyC = kQuad * kPacksInFlight * (16 / sizeof(scalar_t));
-  const int threads = a.C <= kTinyC ? kQuad : a.C <= kSmallC ? kWarp : kBlock;
+  // By the rows' class count, not x's columns: the backward of a block of the classes takes the whole
+  // rows' schedule, so its gradient has the same bits as theirs (the sum of a row's target mass, for
+  // probabilities, runs over all the classes in the schedule's order).
+  const int threads = a.classes <= kTinyC ? kQuad : a.classes <= kSmallC ? kWarp : kBlock;
   const int64_t rows_per_block = kBlock / threads;
   const int64_t max_blocks = int64_t(launch.multiprocessors()) * 64;  // enough to fill the GPU; rows beyond are walked grid-stride
   const dim3 grid(static_cast<unsigned>(std::min((a.N + rows_per_block - 1) / rows_per_block, max_blocks)));
