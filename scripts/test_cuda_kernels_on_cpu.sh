@@ -11,4 +11,4 @@ cd "$(dirname "$0")/../tests"
 source ../.venv/bin/activate
 FUSED_SOFTMAX_CPU_RUNS_CUDA_KERNELS=1 python -m pytest -q -p no:cacheprovider -m "not cpu_kernel" \
   test_cross_entropy.py test_options.py test_degenerate_and_determinism.py test_linear.py test_properties.py \
-  test_bad_inputs.py test_op_registration.py test_large_and_cuda.py -k "not 2_to_the_31" "$@"
+  test_bad_inputs.py test_op_registration.py test_large_and_cuda.py test_distributed.py -k "not 2_to_the_31" "$@"

@@ -31,7 +31,7 @@ def build(directory: str | None = None) -> ModuleType:
         sources=[str(HERE / "cuda_kernels_host.cpp"), str(HERE.parent / "csrc" / "cross_entropy.cpp")],
         extra_cflags=["-O1", "-std=c++20", *sanitize],
         extra_ldflags=sanitize,
-        build_directory=directory or tempfile.mkdtemp(prefix="cuda_kernels_host"),
+        build_directory=directory or _shared_build_directory(sanitize),
     )
     module.set_multiprocessors(1)  # 64 blocks: rows beyond 64 blocks' worth take the grid-stride loop
     return module
@@ -60,3 +60,13 @@ def _with_defaults(run, name: str):
     schema's defaults filling the rest."""
     defaults = [argument.default_value for argument in getattr(torch.ops.fused_softmax, name).default._schema.arguments]
     return lambda *args: run(*args, *defaults[len(args) :])
+
+
+def _shared_build_directory(sanitize: list[str]) -> str:
+    """One per user and build kind: the processes of a run (test_distributed's ranks) build once and
+    share it (torch locks the directory while one builds, and rebuilds when the sources change)."""
+    path = (
+        Path(tempfile.gettempdir()) / f"fused_softmax_cuda_kernels_host_{os.getuid()}{'_sanitized' if sanitize else ''}"
+    )
+    path.mkdir(exist_ok=True)
+    return str(path)

@@ -42,6 +42,10 @@ def problem(dtype: torch.dtype, case: dict, n: int = 23) -> tuple[torch.Tensor, 
 
 
 def worker(rank: int, port: int, out_dir: str, backend: str, device: str) -> None:
+    if os.environ.get("FUSED_SOFTMAX_CPU_RUNS_CUDA_KERNELS"):  # scripts/test_cuda_kernels_on_cpu.sh: here too
+        import simulated_cuda
+
+        library = simulated_cuda.take_over_cpu_kernels()  # noqa: F841  (kept for the worker's life)
     if backend == "nccl":  # a GPU per rank
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
