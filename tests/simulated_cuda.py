@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fwd_inplace", "cross_entropy_fwd_grad")
 
 
-def build(directory: str | None = None) -> ModuleType:
+def build() -> ModuleType:
     """Compiles the module (about 30 s). Under scripts/test_kernel_build.sh sanitize (the sanitizers'
     runtimes preloaded) the kernels are instrumented too: a read or write outside the tensors is then
     an error, not a NaN that may go unseen."""
@@ -31,7 +31,7 @@ def build(directory: str | None = None) -> ModuleType:
         sources=[str(HERE / "cuda_kernels_host.cpp"), str(HERE.parent / "csrc" / "cross_entropy.cpp")],
         extra_cflags=["-O1", "-std=c++20", *sanitize],
         extra_ldflags=sanitize,
-        build_directory=directory or _shared_build_directory(sanitize),
+        build_directory=_shared_build_directory(sanitize),
     )
     module.set_multiprocessors(1)  # 64 blocks: rows beyond 64 blocks' worth take the grid-stride loop
     return module

@@ -29,10 +29,10 @@ CLASSES = [1, 5, 31, 64, 129, 1000, 1025, 3001]
 
 
 @pytest.fixture(scope="session")
-def sim(tmp_path_factory):
+def sim():
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
-    return simulated_cuda.build(str(tmp_path_factory.mktemp("cuda_kernels_host")))
+    return simulated_cuda.build()
 
 
 def tolerances(dtype: torch.dtype) -> dict:
