@@ -113,6 +113,28 @@ Probabilities<acc_t, scalar_t> probabilities_of(const PreparedArgs& p) {
   return {p.target.const_data_ptr(), wide};
 }
 
+// Fills what the CPU kernel's Problem and the CUDA kernels' KernelArgs both hold, under the same
+// names: the rows (x, x_stride, C, and for a block of classes col0 and classes), the target (class
+// indices y, or probabilities t with t_stride), the weights w, ignore_index, eps, z_loss.
+template <typename scalar_t, typename acc_t, typename Args>
+void fill_kernel_args(Args& a, const PreparedArgs& p, int64_t ignore_index, double label_smoothing, double z_loss) {
+  a.x = p.input.const_data_ptr<scalar_t>();
+  a.x_stride = p.input.stride(0);
+  a.C = p.input.size(1);
+  a.col0 = p.class_start;
+  a.classes = p.num_classes;
+  a.t = probabilities_of<acc_t, scalar_t>(p);
+  if (p.probabilities) {
+    a.t_stride = p.target.stride(0);
+  } else {
+    a.y = p.target.const_data_ptr<int64_t>();
+  }
+  a.w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+  a.ignore_index = ignore_index;
+  a.eps = static_cast<acc_t>(label_smoothing);
+  a.z_loss = static_cast<acc_t>(z_loss);
+}
+
 // Returns the CPU kernel's cached gradient memory (the last large gradient's mapping, kept for the
 // next one) to the system.
 void empty_cache();

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -65,7 +66,7 @@ struct Warp {
 
 struct Thread {
   ucontext_t context;
-  std::vector<char> stack;
+  char* stack = nullptr;  // kStackBytes
   bool done = false;
 };
 
@@ -120,7 +121,11 @@ inline void run_kernel(dim3 grid, dim3 block, const std::function<void()>& body)
     throw std::invalid_argument("cuda_on_host: 1-D launches of whole warps only");
   Block b;
   b.threads.resize(block.x);
-  for (Thread& t : b.threads) t.stack.resize(kStackBytes);
+  // The threads' stacks outlive the launch: allocating (and zeroing) 32 MiB per launch cost more than
+  // most launches here.
+  static std::vector<std::unique_ptr<char[]>> stacks;
+  while (stacks.size() < block.x) stacks.emplace_back(new char[kStackBytes]);
+  for (unsigned t = 0; t < block.x; ++t) b.threads[t].stack = stacks[t].get();
   b.body = &body;
   // Between barriers the threads of a block (and the lanes of a warp) may run in any order on a GPU.
   // Here each round resumes them in a new order, and one thread of each block, the laggard (a
@@ -144,8 +149,8 @@ inline void run_kernel(dim3 grid, dim3 block, const std::function<void()>& body)
     for (Thread& t : b.threads) {
       t.done = false;
       getcontext(&t.context);
-      t.context.uc_stack.ss_sp = t.stack.data();
-      t.context.uc_stack.ss_size = t.stack.size();
+      t.context.uc_stack.ss_sp = t.stack;
+      t.context.uc_stack.ss_size = kStackBytes;
       t.context.uc_link = &b.scheduler;
       makecontext(&t.context, thread_main, 0);
     }

@@ -949,23 +949,9 @@ Problem<scalar_t> make_problem(const PreparedArgs& p, int64_t ignore_index, doub
                                const LogitOptions& o) {
   using acc_t = at::opmath_type<scalar_t>;
   Problem<scalar_t> P{};
-  P.x = p.input.const_data_ptr<scalar_t>();
-  P.x_stride = p.input.stride(0);
-  P.C = p.input.size(1);
-  P.col0 = p.class_start;
-  P.classes = p.num_classes;
-  P.t = probabilities_of<acc_t, scalar_t>(p);
-  if (p.probabilities) {
-    P.t_stride = p.target.stride(0);
-  } else {
-    P.y = p.target.const_data_ptr<int64_t>();
-  }
-  P.w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
-  P.ignore_index = ignore_index;
-  P.eps = static_cast<acc_t>(label_smoothing);
+  fill_kernel_args<scalar_t, acc_t>(P, p, ignore_index, label_smoothing, o.z_loss);
   P.transform = {static_cast<acc_t>(o.logit_scale), static_cast<acc_t>(o.softcap),
                  o.logit_scale == 1.0 && o.softcap == 0.0};
-  P.z_loss = static_cast<acc_t>(o.z_loss);
   const acc_t w_sum = P.w ? std::accumulate(P.w, P.w + P.classes, acc_t(0)) : static_cast<acc_t>(P.classes);
   P.spread_index_mass = P.eps / static_cast<acc_t>(P.classes) * w_sum;
   return P;

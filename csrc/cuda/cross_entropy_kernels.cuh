@@ -291,28 +291,12 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
     const Launcher& launch, const PreparedArgs& p, int64_t ignore_index, double eps, const LogitOptions& o) {
   using acc_t = at::opmath_type<scalar_t>;
   KernelArgs<scalar_t, acc_t> a{};
-  a.x = p.input.const_data_ptr<scalar_t>();
-  a.x_stride = p.input.stride(0);
+  fill_kernel_args<scalar_t, acc_t>(a, p, ignore_index, eps, o.z_loss);
   a.N = p.input.size(0);
-  a.C = p.input.size(1);
-  a.col0 = p.class_start;
-  a.classes = p.num_classes;
-  a.t = probabilities_of<acc_t, scalar_t>(p);
-  if (p.probabilities) {
-    a.t_stride = p.target.stride(0);
-  } else {
-    a.y = p.target.const_data_ptr<int64_t>();
-  }
-  if (p.weight.defined()) {
-    a.w = p.weight.const_data_ptr<acc_t>();
-    launch(&check_weight_kernel<acc_t>, dim3(1), a.w, a.classes);
-  }
-  a.ignore_index = ignore_index;
-  a.eps = static_cast<acc_t>(eps);
+  if (a.w) launch(&check_weight_kernel<acc_t>, dim3(1), a.w, a.classes);
   a.transformed = o.logit_scale != 1.0 || o.softcap != 0.0;
   a.scale = static_cast<acc_t>(o.logit_scale);
   a.cap = static_cast<acc_t>(o.softcap);
-  a.z_loss = static_cast<acc_t>(o.z_loss);
   return a;
 }
 
