@@ -3,9 +3,6 @@
 Environment knobs:
   FUSED_SOFTMAX_CUDA=auto|1|0    CUDA kernels: auto builds them when torch has CUDA and a toolkit is
                                  found; 1 forces them (the build fails without a toolkit); 0 skips them.
-  FUSED_SOFTMAX_CPU_VEC=auto|avx512|avx2|default
-                                 vector instruction set of the CPU kernel; auto takes the best this
-                                 machine's CPU has (the package is built for the machine it installs on).
   TORCH_CUDA_ARCH_LIST           GPU architectures (default here: "8.0;9.0+PTX").
   MAX_JOBS                       parallel compile jobs (ninja).
   CUDA_HOME                      the CUDA toolkit; when unset it is found from nvcc (see find_cuda_home).
@@ -15,7 +12,10 @@ Environment knobs:
 
 import os
 import platform
+import re
 import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import setup
@@ -52,31 +52,63 @@ find_cuda_home()
 import torch  # noqa: E402  (CUDA_HOME must be set before torch.utils.cpp_extension reads it)
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+# The CPU kernels' instruction-set levels (csrc/cpu/kernels.h): csrc/cpu/kernels.cpp is compiled once
+# per level with its flags, and the library runs the best level the CPU it runs on supports. The
+# levels and their flags are ATen's (DEFAULT, AVX2, AVX512), plus AVX512-BF16 for one instruction that
+# rounds 16 floats to bfloat16. Nothing else is compiled for more than the baseline CPU.
+AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+CPU_LEVELS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "AVX512": [*AVX512, "-DCPU_CAPABILITY_AVX512"],
+    "AVX512_BF16": [*AVX512, "-mavx512bf16", "-DCPU_CAPABILITY_AVX512"],
+}
 
-def cpu_vector_flags() -> tuple[str, list[str]]:
-    """Compiler flags that let ATen's Vectorized use this machine's widest vectors."""
-    choice = os.environ.get("FUSED_SOFTMAX_CPU_VEC", "auto").lower()
+
+def cpu_levels(compiler: str) -> list[str]:
+    """The levels to build: all that the compiler has on x86-64, the baseline elsewhere."""
     if platform.machine().lower() not in ("x86_64", "amd64") or os.name == "nt":
-        return "default", []
-    try:
-        cpu_flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        cpu_flags = set()
-    sets = {
-        "avx512": (
-            {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
-            ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-        ),
-        "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c"]),
-    }
-    if choice == "auto":
-        choice = next((name for name, (need, _) in sets.items() if need <= cpu_flags), "default")
-    if choice not in sets:
-        return "default", []
-    flags = sets[choice][1] + [f"-DCPU_CAPABILITY_{choice.upper()}", f"-DCPU_CAPABILITY={choice.upper()}"]
-    if choice == "avx512" and "avx512_bf16" in cpu_flags:
-        flags.append("-mavx512bf16")  # one instruction rounds 16 floats to bfloat16
-    return choice, flags
+        return ["DEFAULT"]
+    return [level for level, flags in CPU_LEVELS.items() if compiler_accepts(compiler, flags)]
+
+
+def compiler_accepts(compiler: str, flags: list[str]) -> bool:
+    """Whether the compiler takes these flags (an older one may not know -mavx512bf16)."""
+    probe = subprocess.run(
+        [compiler, *flags, "-x", "c++", "-fsyntax-only", "-"], input="int main() {}", text=True, capture_output=True
+    )
+    return probe.returncode == 0
+
+
+class BuildWithCpuLevels(BuildExtension):
+    """torch's BuildExtension, which also compiles csrc/cpu/kernels.cpp once per CPU level (each into a
+    build folder of its own) and links those objects in after the others, lowest level first: where
+    two objects hold the same inline function (a header's), the linker keeps the first, so code
+    compiled for a higher level is never what a lower level's kernels call."""
+
+    def build_extension(self, ext):
+        compiler = self.compiler.compiler_so[0]
+        levels = cpu_levels(compiler)
+        args = ext.extra_compile_args
+
+        def compile_level(level: str) -> list[str]:
+            flags = [*CPU_LEVELS[level], f"-DCPU_CAPABILITY={level}"]
+            return self.compiler.compile(
+                [os.path.join("csrc", "cpu", "kernels.cpp")],
+                output_dir=os.path.join(self.build_temp, "cpu_levels", level),
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs={**args, "cxx": args["cxx"] + flags},
+                depends=ext.depends,
+            )
+
+        jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(levels)))) as pool:
+            objects = [obj for level_objects in pool.map(compile_level, levels) for obj in level_objects]
+        args["cxx"] = args["cxx"] + [f"-DFUSED_SOFTMAX_CPU_LEVEL_{level}" for level in levels]
+        ext.extra_objects = objects + list(ext.extra_objects or [])
+        print(f"fused_softmax: CPU kernels compiled for {', '.join(levels).lower()}")
+        super().build_extension(ext)
 
 
 SANITIZE = os.environ.get("FUSED_SOFTMAX_SANITIZE") == "1"
@@ -95,12 +127,11 @@ def want_cuda() -> bool:
 
 
 def extension():
-    vec_name, vec_flags = cpu_vector_flags()
     # -ffp-contract=off: the kernel's FMAs are the ones it spells out. GCC otherwise fuses a multiply and
     # an add where it sees fit, differently in different inlined copies of the same arithmetic: the
     # forward-formed and the recomputed gradient, which must agree bit for bit, did not (AVX2, float64).
     # The C++ standard is the one torch.utils.cpp_extension picks.
-    flags = ["-ffp-contract=off", "-fopenmp", *vec_flags]
+    flags = ["-ffp-contract=off", "-fopenmp"]
     cxx, link = ["-O3", *flags], ["-fopenmp"]
     if SANITIZE:
         cxx, link = ["-O1", *flags, *SANITIZER_FLAGS], link + SANITIZER_FLAGS
@@ -109,18 +140,24 @@ def extension():
         "csrc/cross_entropy.cpp",
         "csrc/cross_entropy_autograd.cpp",
         "csrc/cpu/cross_entropy_cpu.cpp",
-    ]
+        "csrc/cpu/gradient_memory.cpp",
+    ]  # and csrc/cpu/kernels.cpp, once per CPU level (BuildWithCpuLevels)
     if not want_cuda():
         print(
-            f"fused_softmax: building the CPU kernel ({vec_name}{', sanitizers' if SANITIZE else ''}); "
+            f"fused_softmax: building the CPU kernels{' with sanitizers' if SANITIZE else ''}; "
             f"CUDA kernels skipped (torch CUDA {torch.version.cuda}, CUDA_HOME {CUDA_HOME})"
         )
         return CppExtension("fused_softmax._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     print(
-        f"fused_softmax: building the CPU kernel ({vec_name}) and CUDA kernels for "
+        f"fused_softmax: building the CPU kernels and CUDA kernels for "
         f"{os.environ['TORCH_CUDA_ARCH_LIST']} with {CUDA_HOME}"
     )
+    if not torch.cuda.is_available():
+        print(
+            "fused_softmax: no GPU here: the CUDA kernels are compiled anyway (about 10 minutes on 2 cores), "
+            "so that the package also runs on a GPU; FUSED_SOFTMAX_CUDA=0 skips them"
+        )
     nvcc = ["-O3", "-DFUSED_SOFTMAX_WITH_CUDA", "-Xptxas=-warn-spills", "-Xptxas=-warn-lmem-usage"]
     if os.environ.get("FUSED_SOFTMAX_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")  # the register report, per kernel
@@ -132,7 +169,16 @@ def extension():
     )
 
 
+# The lowest torch we support: pyproject.toml's build requirement, the one CI runs the whole suite on.
+TORCH_FLOOR = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+if torch.__version__ < TORCH_FLOOR:  # torch.__version__ compares as a version
+    raise SystemExit(f"fused_softmax: needs torch >= {TORCH_FLOOR} to build, found {torch.__version__}")
+
 setup(
+    # An extension runs only with the torch it was compiled against (torch's C++ ABI changes between
+    # releases): the built package asks for that one, so pip refuses a mismatch instead of the import
+    # failing later. The pin leaves out the local label (2.14.1+cu130 -> 2.14.1), as torchvision's does.
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}"],
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithCpuLevels.with_options(use_ninja=True)},
 )

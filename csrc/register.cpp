@@ -2,6 +2,7 @@
 // cpu/cross_entropy_cpu.cpp, cuda/cross_entropy_cuda.cu, cross_entropy_autograd.cpp), and the Python
 // module that carries them.
 #include "cross_entropy.h"
+#include "cpu/kernels.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -47,14 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Whether the CUDA kernels were compiled into this build.");
   m.def("empty_cache", &fused_softmax::empty_cache,
         "Return the CPU kernel's cached gradient memory to the system.");
-  m.def("cpu_capability", [] {
-#if defined(CPU_CAPABILITY_AVX512)
-    return "avx512";
-#elif defined(CPU_CAPABILITY_AVX2)
-    return "avx2";
-#else
-    return "default";
-#endif
-  },
-        "The vector instruction set the CPU kernel was compiled for.");
+  m.def("cpu_capability", &fused_softmax::cpu::capability,
+        "The instruction-set level of the CPU kernels in use (see csrc/cpu/kernels.h).");
+  m.def("cpu_capabilities", &fused_softmax::cpu::capabilities,
+        "The levels of CPU kernels this build holds, lowest first, each with whether this CPU runs it.");
 }

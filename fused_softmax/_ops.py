@@ -43,6 +43,9 @@ except ImportError as error:  # no compiler at install time, built against anoth
     )
 else:
     LOAD_ERROR = None
+    # The CPU kernels' instruction-set level is chosen now (csrc/cpu/kernels.h): a bad
+    # FUSED_SOFTMAX_CPU_CAPABILITY fails the import with a message that names it.
+    _C.cpu_capability()
 
 
 def backend() -> dict[str, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import importlib
 import json
 import os
 import sys
@@ -156,6 +157,7 @@ def accuracy_counts(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 
 def train(args: argparse.Namespace) -> list[dict]:
+    _pyplot()  # the curves are drawn at the end: a missing matplotlib is said before training, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     ddp = Distributed(args.device)
@@ -198,9 +200,7 @@ def train(args: argparse.Namespace) -> list[dict]:
             totals = torch.zeros(3, dtype=torch.float64, device=ddp.device)  # loss sum, correct, count
             batches = range(0, n, args.batch_size)
             if show_bar:
-                from tqdm import tqdm
-
-                batches = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch")
+                batches = _train_extra("tqdm").tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch")
             for i in batches:
                 batch = order[i : i + args.batch_size]
                 mine = batch[ddp.rank :: ddp.world]  # this rank's disjoint share of the global batch
@@ -274,13 +274,27 @@ def _write_csv(f, metrics: list[dict]) -> None:
     writer.writerows(metrics)
 
 
+def _train_extra(module: str):
+    """One of the trainer's optional dependencies (tqdm, matplotlib: `pip install 'fused_softmax[train]'`),
+    or an exit that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise SystemExit(
+            f"error: the trainer needs {package}, which is not installed: pip install 'fused_softmax[train]'"
+        ) from None
+
+
+def _pyplot():
+    """matplotlib.pyplot, drawing to files (no display)."""
+    _train_extra("matplotlib").use("Agg")
+    return _train_extra("matplotlib.pyplot")
+
+
 def plot_curves(path: Path, metrics: list[dict]) -> None:
     """d2l's training plot: train loss, train acc and test acc per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     epochs = [m["epoch"] for m in metrics]
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for key, style in (("loss", "-"), ("train_acc", "m--"), ("test_acc", "g-.")):
@@ -319,11 +333,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
 
 def predict(args: argparse.Namespace) -> Path:
     """d2l's predict_ch3: test images titled with true and predicted labels, saved as a PNG grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     model, ds = _trained_model(args)
     count = min(args.count, ds.test_labels.numel())
     with torch.no_grad():

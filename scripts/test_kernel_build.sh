@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Builds the CPU kernels another way (in place, beside the sources) and runs the kernel tests on
-# that build. Needs the environment of scripts/setup.sh.
+# that build. Needs the environment of scripts/setup.sh. (The CPU levels are tested on the release
+# build itself: scripts/test_cpu_levels.sh.)
 #   bash scripts/test_kernel_build.sh sanitize [pytest args]  # AddressSanitizer + UndefinedBehaviorSanitizer
-#   bash scripts/test_kernel_build.sh avx2 [pytest args]      # the release build for CPUs without AVX-512
 set -euo pipefail
 cd "$(dirname "$0")/.."
-variant=${1:?"which build: sanitize or avx2"}
+variant=${1:?"which build: sanitize"}
 shift
 case "$variant" in
   sanitize) export FUSED_SOFTMAX_SANITIZE=1 ;;
-  avx2) export FUSED_SOFTMAX_CPU_VEC=avx2 FUSED_SOFTMAX_CUDA=0 ;;
-  *) echo "test_kernel_build.sh: unknown build '$variant' (sanitize or avx2)"; exit 2 ;;
+  *) echo "test_kernel_build.sh: unknown build '$variant' (sanitize)"; exit 2 ;;
 esac
 # shellcheck disable=SC1091
 source .venv/bin/activate

@@ -3,7 +3,7 @@
 # softmax regression with the fused loss.   bash scripts/train.sh [trainer options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+EXTRAS=train bash scripts/setup.sh
 bash scripts/data.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate

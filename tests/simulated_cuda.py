@@ -63,10 +63,11 @@ def _with_defaults(run, name: str):
 
 
 def _shared_build_directory(sanitize: list[str]) -> str:
-    """One per user and build kind: the processes of a run (test_distributed's ranks) build once and
-    share it (torch locks the directory while one builds, and rebuilds when the sources change)."""
-    path = (
-        Path(tempfile.gettempdir()) / f"fused_softmax_cuda_kernels_host_{os.getuid()}{'_sanitized' if sanitize else ''}"
-    )
+    """One per user, torch release and build kind: the processes of a run (test_distributed's ranks) build
+    once and share it (torch locks the directory while one builds, and rebuilds when the sources
+    change). Not shared between torch releases: a module built for one cannot load in another, and
+    torch 2.11 waits forever on the lock file that torch 2.14 leaves behind."""
+    kind = f"{os.getuid()}_torch{torch.__version__}{'_sanitized' if sanitize else ''}"
+    path = Path(tempfile.gettempdir()) / f"fused_softmax_cuda_kernels_host_{kind}"
     path.mkdir(exist_ok=True)
     return str(path)

@@ -313,3 +313,17 @@ def test_killed_checkpoint_writer_leaves_a_loadable_checkpoint(tmp_path):
         assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")] == ["checkpoint.pt"]
     train.save_checkpoint(path, {"epoch": 0})  # the next save clears what killed writers left
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("missing", ["matplotlib", "tqdm"])
+def test_a_missing_extra_is_named_with_its_install_command(tmp_path, tiny, monkeypatch, missing):
+    # The library installs without the trainer's extras; the trainer then says how to get them, before
+    # it trains (matplotlib, for the plot drawn at the end) or when it needs them (tqdm, for the bar).
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError
+    args = train.parse_args(
+        ["--device", "cpu", "--epochs", "1", "--data-dir", str(tiny), "--output-dir", str(tmp_path)]
+    )
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the progress bar shows on a terminal
+    with pytest.raises(SystemExit, match=rf"the trainer needs {missing}, .*pip install 'fused_softmax\[train\]'"):
+        train.train(args)
+    assert not (tmp_path / "metrics.json").exists()  # nothing trained before the error
