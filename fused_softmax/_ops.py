@@ -144,8 +144,19 @@ if _C is not None:
     _FWD = torch.ops.fused_softmax.cross_entropy_fwd.default  # the overload itself: less Python per call
     _FWD_INPLACE = torch.ops.fused_softmax.cross_entropy_fwd_inplace.default
 
+    def _check_devices(input: Tensor, **tensors: Tensor | None) -> None:
+        """The fake kernels' part of the real ops' checks (csrc/cross_entropy.cpp): every tensor on input's
+        device. One on the meta device beside real ones sends the call here, where no kernel would see it,
+        and the result would be memory never written."""
+        for name, tensor in tensors.items():
+            if tensor is not None and tensor.device != input.device:
+                raise RuntimeError(
+                    f"fused_softmax: {name}: expected a tensor on {input.device} like input, got one on {tensor.device}"
+                )
+
     @torch.library.register_fake("fused_softmax::cross_entropy_fwd")
     def _fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction, *options):
+        _check_devices(input, target=target, weight=weight)
         acc = reference.accumulate_dtype(input.dtype)
         loss_shape = (input.shape[0],) if reduction == 0 else ()
         return input.new_empty(loss_shape, dtype=acc), input.new_empty((input.shape[0], 2), dtype=acc)
@@ -158,6 +169,7 @@ if _C is not None:
 
     @torch.library.register_fake("fused_softmax::cross_entropy_bwd")
     def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, *options):
+        _check_devices(input, grad_loss=grad_loss, target=target, weight=weight, stats=stats)
         return input.new_empty(input.shape)
 
     if not _C.cuda_built():  # CUDA tensors still work, through the reference math

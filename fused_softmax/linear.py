@@ -188,8 +188,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         precompute = reduction != 0 and any(needs)
         if reduction == 1:
             divisor = mean_divisor(target, weight, ignore_index, acc)
+            # What the gradients are divided by. torch's gradient of an ignored row is 0, not 0 * (1 / 0): with
+            # every row ignored (an all-padding batch) 'mean' divides the loss by 0 (NaN, as torch's) but the
+            # gradients, zero sums of ignored rows, by infinity. A row kept with weight 0 stays NaN, as torch's.
+            kept = (target != ignore_index).any() if not target.is_floating_point() else divisor > 0
+            grad_divisor = torch.where(kept, divisor, torch.inf)
         else:
-            divisor = torch.ones((), dtype=acc, device=input.device)
+            divisor = grad_divisor = torch.ones((), dtype=acc, device=input.device)
         if precompute:
             grads = _Gradients(needs, input, linear_weight, acc)
         losses = input.new_empty((n,), dtype=acc)
@@ -214,22 +219,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if precompute:  # attributes, not saved tensors: backward scales them in place
             unit = torch.ones(n, dtype=acc, device=input.device)
             ctx.grads = [g for g in grads.result(unit, chunk, saved, ignore_index, eps, options) if g is not None]
-        ctx.save_for_backward(*saved, divisor)
+        ctx.save_for_backward(*saved, grad_divisor)
         ctx.options = (ignore_index, eps, reduction, chunk, options)
         return losses if reduction == 0 else losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output):
         no_grads = (None,) * 7
-        *saved, divisor = ctx.saved_tensors
+        *saved, grad_divisor = ctx.saved_tensors
         input, linear_weight, linear_bias, target, weight, stats = saved
         needs = tuple(ctx.needs_input_grad[:3])
         ignore_index, eps, reduction, chunk, options = ctx.options
         if ctx.grads is not None:  # handed over, scaled in place: a second (C, H) weight gradient would double the peak
-            formed = iter(g.mul_(grad_output / divisor) for g in ctx.grads)
+            formed = iter(g.mul_(grad_output / grad_divisor) for g in ctx.grads)
             ctx.grads = None  # the caller owns them now; a later backward recomputes
             return (*(next(formed) if need else None for need in needs), *no_grads)
-        rows_grad = grad_output if reduction == 0 else (grad_output / divisor).expand(input.shape[0])
+        rows_grad = grad_output if reduction == 0 else (grad_output / grad_divisor).expand(input.shape[0])
         rows_grad = rows_grad.to(stats.dtype).contiguous()
         grads = _Gradients(needs, input, linear_weight, stats.dtype)
         for start in range(0, input.shape[0], chunk):

@@ -207,3 +207,18 @@ def test_mixed_devices_name_the_argument(moved):
     with pytest.raises(RuntimeError) as info:
         fused_softmax.cross_entropy(args["input"], args["target"], weight=args["weight"])
     assert ("target" if moved == "input" else moved) in str(info.value) and "cuda" in str(info.value)
+
+
+@pytest.mark.parametrize("moved", ["target", "weight"])
+@pytest.mark.parametrize("mode", ["forward", "with_grad", "inplace"])
+def test_a_meta_tensor_beside_cpu_logits_is_refused(moved, mode):
+    # A meta tensor among the arguments routes the call to the shape-only (fake) kernels; torch raises
+    # there, and so must we, instead of returning memory no kernel wrote.
+    x, y = x_y()
+    args = {"target": y, "weight": torch.ones(10)}
+    args[moved] = args[moved].to("meta")
+    x = x.requires_grad_(mode != "forward") * 1
+    with pytest.raises(
+        RuntimeError, match=f"fused_softmax: {moved}: expected a tensor on cpu like input, got one on meta"
+    ):
+        fused_softmax.cross_entropy(x, args["target"], weight=args["weight"], inplace_backward=mode == "inplace")

@@ -224,3 +224,23 @@ def test_backward_twice_through_one_graph():
     (zero,) = torch.autograd.grad(loss * 0, x, retain_graph=True)
     assert not zero.any()
     torch.testing.assert_close(torch.autograd.grad(loss, x)[0], g1, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mean_over_an_all_padding_batch_has_zero_gradients(device, dtype, weighted):
+    # Every target ignored: torch's 'mean' loss is NaN (0 / 0) but its gradients are 0, so one such
+    # micro-batch leaves the weights as they were. Both our backward paths: the gradient formed in the
+    # forward (first backward) and the recomputed one (a second backward through the same graph).
+    x, w, b, _ = problem(device, dtype=dtype)
+    t = torch.full((x.shape[0],), -100, device=device)
+    weight = torch.rand(w.shape[0], device=device, dtype=dtype) if weighted else None
+    expected = grads(reference, x, w, b, t, weight=weight)
+    params = [p.detach().clone().requires_grad_(True) for p in (x, w, b)]
+    loss = fused_softmax.linear_cross_entropy(params[0], params[1], t, linear_bias=params[2], weight=weight)
+    assert loss.isnan() and expected[0].isnan()
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    again = torch.autograd.grad(loss, params)
+    for ours, theirs in zip((*first, *again), expected[1:] * 2, strict=True):
+        assert not ours.isnan().any()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
