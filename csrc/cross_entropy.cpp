@@ -43,7 +43,7 @@ bool check_cross_entropy_args(
 
   bool probabilities = false;
   const auto tdtype = target.scalar_type();
-  if (tdtype == at::kLong || tdtype == at::kInt) {
+  if (tdtype == at::kLong || tdtype == at::kInt || tdtype == at::kByte) {  // uint8: as torch's nll_loss
     TORCH_CHECK(
         target.dim() == 1 && target.size(0) == rows,
         "fused_softmax: target: class indices must have shape [", rows, "] to match input ",
@@ -60,7 +60,8 @@ bool check_cross_entropy_args(
     probabilities = true;
   } else {
     TORCH_CHECK(
-        false, "fused_softmax: target: expected int64 or int32 class indices or floating class probabilities, got dtype ",
+        false, "fused_softmax: target: expected int64, int32 or uint8 class indices or floating class probabilities, "
+        "got dtype ",
         tdtype);
   }
 

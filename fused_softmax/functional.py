@@ -7,6 +7,7 @@ arguments, folds every accepted layout into that view, and shapes the result.
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import torch
@@ -64,6 +65,7 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    ignore_index = _as_index(ignore_index)
     rows, target_rows, rows_shape = _as_rows(input, target, reduction, label_smoothing, weight, ignore_index)
     check_options("cross_entropy", z_loss, softcap, logit_scale)
     inplace_backward = inplace_backward and torch.is_grad_enabled() and input.requires_grad
@@ -150,6 +152,16 @@ def _probabilities_as_read(target: Tensor, logits_dtype: torch.dtype) -> Tensor:
     return target.to(torch.float32 if wide else logits_dtype)
 
 
+def _as_index(ignore_index) -> int:
+    """ignore_index as a Python int: any integer torch takes (numpy's too), not a float or a bool."""
+    if isinstance(ignore_index, bool):
+        raise TypeError("cross_entropy: ignore_index: expected an int, got bool")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"cross_entropy: ignore_index: expected an int, got {type(ignore_index).__name__}") from None
+
+
 def _as_rows(
     input: Tensor, target: Tensor, reduction: str, label_smoothing: float, weight: Tensor | None, ignore_index: int
 ) -> tuple[Tensor, Tensor, torch.Size]:
@@ -160,8 +172,6 @@ def _as_rows(
         raise TypeError(f"cross_entropy: target: expected a torch.Tensor, got {type(target).__name__}")
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(f"cross_entropy: weight: expected a torch.Tensor or None, got {type(weight).__name__}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"cross_entropy: ignore_index: expected an int, got {type(ignore_index).__name__}")
     if not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"cross_entropy: label_smoothing: expected a float, got {type(label_smoothing).__name__}")
     if reduction not in REDUCTIONS:
@@ -178,6 +188,10 @@ def _as_rows(
         )
 
     probabilities = target.is_floating_point()
+    if probabilities and ignore_index != -100:  # torch raises too: no row of probabilities is ignored
+        raise RuntimeError(
+            f"cross_entropy: ignore_index: not supported with class-probability targets, got {ignore_index}"
+        )
     unbatched = input.dim() == 1
     rows_shape = input.shape[:0] if unbatched else input.shape[:1] + input.shape[2:]  # input without classes
     expected = input.shape if probabilities else rows_shape

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .functional import _as_dtype, _probabilities_as_read, cross_entropy, loss_dtype
+from .functional import _as_dtype, _as_index, _probabilities_as_read, cross_entropy, loss_dtype
 from .reference import REDUCTIONS, accumulate_dtype, mean_divisor
 
 # A chunk of rows' logits takes about this many bytes unless chunk_size says otherwise.
@@ -38,7 +38,7 @@ def linear_cross_entropy(
     """As torch.nn.functional.linear_cross_entropy (input (N, H) or (H,), linear_weight (C, H),
     linear_bias (C,)), without ever holding the (N, C) logits: rows go chunk_size at a time.
     z_loss, softcap and logit_scale as in fused_softmax.cross_entropy."""
-    ignore_index = -100 if ignore_index is None else ignore_index
+    ignore_index = -100 if ignore_index is None else _as_index(ignore_index)
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
         raise ValueError(
             "linear_cross_entropy: linear_weight: expected a (C, in_features) tensor, got "

@@ -32,7 +32,7 @@ CASES = [
         "target float16 indices",
         lambda x, y: fused_softmax.cross_entropy(x, y.to(torch.int16)),
         RuntimeError,
-        ["target", "int64 or int32"],
+        ["target", "int64, int32 or uint8"],
     ),
     ("target bool", lambda x, y: fused_softmax.cross_entropy(x, y > 3), RuntimeError, ["target", "Bool"]),
     (
@@ -142,6 +142,18 @@ CASES = [
         lambda x, y: fused_softmax.cross_entropy(x, y, ignore_index=1.5),
         TypeError,
         ["ignore_index", "float"],
+    ),
+    (
+        "ignore_index a bool",
+        lambda x, y: fused_softmax.cross_entropy(x, y, ignore_index=True),
+        TypeError,
+        ["ignore_index", "bool"],
+    ),
+    (
+        "ignore_index with class probabilities",  # as torch: no row of probabilities can be ignored
+        lambda x, y: fused_softmax.cross_entropy(x, torch.softmax(x, 1), ignore_index=3),
+        RuntimeError,
+        ["ignore_index", "class-probability targets", "got 3"],
     ),
     (
         "op reduction",

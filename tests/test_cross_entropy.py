@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -329,3 +330,32 @@ def test_legacy_size_average_and_reduce(device):
         with pytest.warns(UserWarning):
             theirs = F.cross_entropy(x, y, size_average=size_average, reduce=reduce)
         torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_targets_and_ignore_index_of_the_types_torch_takes(linear):
+    # uint8 class indices and a numpy integer ignore_index, which torch's cross-entropy takes: the same
+    # loss and gradients as torch's with int64 indices and a Python int.
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    w = torch.randn(12, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 12, (6,), generator=g)
+    y[1] = y[4]  # two rows ignored
+
+    def expected(h, w):
+        return F.cross_entropy(h @ w.T, y, ignore_index=int(y[4]))
+
+    def ours(h, w):
+        target, ignore_index = y.to(torch.uint8), np.int64(y[4])
+        if linear:
+            return fused_softmax.linear_cross_entropy(h, w, target, ignore_index=ignore_index)
+        return fused_softmax.cross_entropy(h @ w.T, target, ignore_index=ignore_index)
+
+    def loss_and_grads(fn):
+        params = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+        loss = fn(*params)
+        loss.backward()
+        return [loss.detach(), *(p.grad for p in params)]
+
+    for got, wanted in zip(loss_and_grads(ours), loss_and_grads(expected), strict=True):
+        torch.testing.assert_close(got, wanted, rtol=1e-12, atol=1e-14)
