@@ -114,24 +114,6 @@ CASES = [
         ["stats", "[4, 2]"],
     ),
     (
-        "weight negative",
-        lambda x, y: fused_softmax.cross_entropy(x, y, weight=torch.tensor([1.0] * 9 + [-0.5])),
-        RuntimeError,
-        ["weight", "-0.5", "class 9", "non-negative"],
-    ),
-    (
-        "weight NaN",
-        lambda x, y: fused_softmax.cross_entropy(x, y, weight=torch.tensor([float("nan")] + [1.0] * 9)),
-        RuntimeError,
-        ["weight", "nan", "class 0"],
-    ),
-    (
-        "weight inf",
-        lambda x, y: fused_softmax.cross_entropy(x, y, weight=torch.tensor([1.0, float("inf")] + [1.0] * 8)),
-        RuntimeError,
-        ["weight", "inf", "class 1"],
-    ),
-    (
         "unknown option",
         lambda x, y: fused_softmax.cross_entropy(x, y, smoothing=0.1),
         TypeError,
@@ -178,7 +160,7 @@ CASES = [
 
 # The CPU kernel checks these values on the host and names the place; the CUDA kernels assert on the
 # device (no host synchronisation), as torch's own do.
-CHECKED_ON_THE_HOST = {"target too large", "target negative", "weight negative", "weight NaN", "weight inf"}
+CHECKED_ON_THE_HOST = {"target too large", "target negative"}
 
 
 @pytest.mark.parametrize(

@@ -359,3 +359,45 @@ def test_targets_and_ignore_index_of_the_types_torch_takes(linear):
 
     for got, wanted in zip(loss_and_grads(ours), loss_and_grads(expected), strict=True):
         torch.testing.assert_close(got, wanted, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("weights", ["negative", "zero_sum", "nan", "inf"])
+@pytest.mark.parametrize("classes", [10, 100])  # a vector of rows at a time, and a row at a time on the CPU
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_class_weights_torch_takes_give_torch_results(weights, classes, probabilities, reduction):
+    # torch computes with any class weights: negative ones, ones summing to 0, NaN, inf. So do we, without
+    # a host check or a device-side assert: finite weights give torch's results; a NaN or infinite one
+    # gives non-finite values exactly where torch's are (inf - inf may be NaN where torch's is inf), the
+    # rest as torch's, and an ignored row's gradient is 0 (torch's may be NaN: README, differences).
+    g = torch.Generator().manual_seed(classes)
+    x = torch.randn(9, classes, dtype=torch.float64, generator=g) * 2
+    w = torch.rand(classes, dtype=torch.float64, generator=g) + 0.1
+    if probabilities:
+        y = torch.softmax(torch.randn(9, classes, dtype=torch.float64, generator=g), 1)
+    else:
+        y = torch.randint(0, classes, (9,), generator=g)
+        y[2] = -100
+    if weights == "negative":
+        w[::2] *= -1
+    elif weights == "zero_sum":  # every target class weighs 0: 'mean' divides by 0
+        w[:] = 0.0
+    else:
+        w[y.argmax(1)[4] if probabilities else y[4]] = float(weights)
+    kept = torch.ones(9, classes, dtype=torch.bool) if probabilities else (y != -100)[:, None].expand(9, classes)
+    for eps in (0.0, 0.2):
+        expected_x, ours_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = F.cross_entropy(expected_x, y, w, reduction=reduction, label_smoothing=eps)
+        ours = fused_softmax.cross_entropy(ours_x, y, w, reduction=reduction, label_smoothing=eps)
+        cotangent = torch.linspace(-1, 1, expected.numel(), dtype=torch.float64).reshape(expected.shape)
+        (expected * cotangent).sum().backward()
+        (ours * cotangent).sum().backward()
+        results = [(ours, expected), (ours_x.grad[kept], expected_x.grad[kept])]
+        assert not ours_x.grad[~kept].any()
+        for got, wanted in results:
+            if weights in ("negative", "zero_sum"):
+                torch.testing.assert_close(got, wanted, rtol=1e-12, atol=1e-12, equal_nan=True)
+            else:
+                assert torch.equal(got.isfinite(), wanted.isfinite())
+                finite = wanted.isfinite()
+                torch.testing.assert_close(got[finite], wanted[finite], rtol=1e-12, atol=1e-12)

@@ -45,7 +45,7 @@ def _kernels_sass() -> dict[str, list[str]]:
     sass = subprocess.run([tool, "-sass", _ops._C.__file__], capture_output=True, text=True, check=True).stdout
     kernels: dict[str, list[str]] = {}
     for section in sass.split("Function : ")[1:]:
-        name = re.search(r"cross_entropy_(fwd|bwd)_kernel|check_weight_kernel", section.split()[0])
+        name = re.search(r"cross_entropy_(fwd|bwd)_kernel", section.split()[0])
         if name:
             kernels.setdefault(name.group(0), []).append(section)
     return kernels

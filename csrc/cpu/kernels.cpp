@@ -857,7 +857,8 @@ Problem<scalar_t> make_problem(const PreparedArgs& p, int64_t ignore_index, doub
   P.transform = {static_cast<acc_t>(o.logit_scale), static_cast<acc_t>(o.softcap),
                  o.logit_scale == 1.0 && o.softcap == 0.0};
   const acc_t w_sum = P.w ? std::accumulate(P.w, P.w + P.classes, acc_t(0)) : static_cast<acc_t>(P.classes);
-  P.spread_index_mass = P.eps / static_cast<acc_t>(P.classes) * w_sum;
+  // Without smoothing nothing is spread: 0, not 0 * sum(w), which a NaN or infinite weight makes NaN.
+  P.spread_index_mass = P.eps > 0 ? P.eps / static_cast<acc_t>(P.classes) * w_sum : acc_t(0);
   return P;
 }
 
@@ -905,8 +906,8 @@ struct CpuArgs {
   double divisor;
 };
 
-// The shared preparation plus the CPU's own checks of the class indices and
-// weights (the CUDA kernels assert on the device instead: no host sync).
+// The shared preparation plus the CPU's own check of the class indices (the CUDA kernels assert on the
+// device instead: no host sync), and the divisor of 'mean'.
 CpuArgs prepare_args_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t class_start = 0,
@@ -914,17 +915,11 @@ CpuArgs prepare_args_cpu(
   PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
   const int64_t ignored_rows = p.probabilities ? 0 : check_target_range_cpu(p.target, p.num_classes, ignore_index);
   double divisor = 1.0;
-  AT_DISPATCH_FLOATING_TYPES(accumulate_type(p.input.scalar_type()), "prepare_args_cpu", [&] {
-    if (p.weight.defined()) {
-      const scalar_t* w = p.weight.const_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < p.weight.numel(); ++c) {
-        TORCH_CHECK(
-            std::isfinite(w[c]) && w[c] >= 0, "fused_softmax: weight: class weights must be finite and ",
-            "non-negative, got ", w[c], " for class ", c);
-      }
-    }
-    if (reduction == kMean) divisor = mean_divisor_cpu<scalar_t>(p, ignore_index, ignored_rows);
-  });
+  if (reduction == kMean) {
+    AT_DISPATCH_FLOATING_TYPES(accumulate_type(p.input.scalar_type()), "prepare_args_cpu", [&] {
+      divisor = mean_divisor_cpu<scalar_t>(p, ignore_index, ignored_rows);
+    });
+  }
   return {std::move(p), divisor};
 }
 

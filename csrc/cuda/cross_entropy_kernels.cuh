@@ -247,7 +247,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_bwd_ker
       S = group_sum<kThreads>(partial, smem);
     } else {
       const acc_t spread_total = a.w_sum ? *a.w_sum : static_cast<acc_t>(a.classes);
-      S = target.target_coef + target.spread.b * spread_total;
+      // Without smoothing nothing is spread: not 0 * sum(w), which a NaN or infinite weight makes NaN.
+      S = target.target_coef + (target.has_spread ? target.spread.b * spread_total : acc_t(0));
     }
     // An ignored row has no gradient, whatever grad_loss holds (it may be inf for an all-ignored mean).
     const acc_t g = target.ignored ? acc_t(0) : a.g[i * a.g_stride];
@@ -278,14 +279,6 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_bwd_ker
   }
 }
 
-// Class weights must be finite and non-negative: a device-side assert, like the target's.
-template <typename acc_t>
-__global__ void check_weight_kernel(const acc_t* w, int64_t C) {
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    CUDA_KERNEL_ASSERT(w[c] >= 0 && !isinf(w[c]) && "fused_softmax: weight: class weights must be finite, >= 0");
-  }
-}
-
 template <typename scalar_t, typename Launcher>
 KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
     const Launcher& launch, const PreparedArgs& p, int64_t ignore_index, double eps, const LogitOptions& o) {
@@ -293,7 +286,6 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
   KernelArgs<scalar_t, acc_t> a{};
   fill_kernel_args<scalar_t, acc_t>(a, p, ignore_index, eps, o.z_loss);
   a.N = p.input.size(0);
-  if (a.w) launch(&check_weight_kernel<acc_t>, dim3(1), a.w, a.classes);
   a.transformed = o.logit_scale != 1.0 || o.softcap != 0.0;
   a.scale = static_cast<acc_t>(o.logit_scale);
   a.cap = static_cast<acc_t>(o.softcap);
