@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 
 namespace fused_softmax {
 
@@ -104,7 +105,7 @@ void check_backward_args(
       stats.device());
 }
 
-LogitOptions check_options(double logit_scale, double softcap, double z_loss) {
+LogitOptions check_options(const at::Tensor& input, double logit_scale, double softcap, double z_loss) {
   TORCH_CHECK(
       std::isfinite(logit_scale) && logit_scale > 0,
       "fused_softmax: logit_scale: expected a finite value > 0, got ", logit_scale);
@@ -112,6 +113,18 @@ LogitOptions check_options(double logit_scale, double softcap, double z_loss) {
       std::isfinite(softcap) && softcap >= 0,
       "fused_softmax: softcap: expected a finite value > 0 (or 0 for none), got ", softcap);
   TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0, "fused_softmax: z_loss: expected a finite value >= 0, got ", z_loss);
+  // The kernels compute in the accumulation dtype: in float32 a scale or cap out of its normal range would
+  // round to inf (NaN losses) or towards 0 (a softcap silently off), so it is refused, not rounded.
+  if (accumulate_type(input.scalar_type()) == at::kFloat) {
+    constexpr double lowest = std::numeric_limits<float>::min(), highest = std::numeric_limits<float>::max();
+    const auto fits = [&](double v) { return v >= lowest && v <= highest; };
+    TORCH_CHECK(
+        fits(logit_scale), "fused_softmax: logit_scale: ", logit_scale, " is outside [", lowest, ", ", highest,
+        "], the float32 range in which ", input.scalar_type(), " logits are computed");
+    TORCH_CHECK(
+        softcap == 0 || fits(softcap), "fused_softmax: softcap: ", softcap, " is outside [", lowest, ", ", highest,
+        "], the float32 range in which ", input.scalar_type(), " logits are computed");
+  }
   return {logit_scale, softcap, z_loss};
 }
 

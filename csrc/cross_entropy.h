@@ -47,8 +47,9 @@ struct LogitOptions {
   double z_loss = 0.0;
 };
 
-// Checks the options; the message names the bad one.
-LogitOptions check_options(double logit_scale, double softcap, double z_loss);
+// Checks the options for input's dtype (whose accumulation dtype must hold them); the message names the
+// bad one.
+LogitOptions check_options(const at::Tensor& input, double logit_scale, double softcap, double z_loss);
 
 // Extra checks of the backward op's own inputs.
 void check_backward_args(

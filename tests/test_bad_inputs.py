@@ -138,6 +138,24 @@ CASES = [
         ["ignore_index", "class-probability targets", "got 3"],
     ),
     (
+        "softcap beyond float32",  # it would be inf: NaN losses
+        lambda x, y: fused_softmax.cross_entropy(x, y, softcap=1e39),
+        RuntimeError,
+        ["softcap", "1e+39", "float32 range", "Float logits"],
+    ),
+    (
+        "softcap below float32",  # it would round to 0: no softcap at all
+        lambda x, y: fused_softmax.cross_entropy(x.bfloat16(), y, softcap=1e-46),
+        RuntimeError,
+        ["softcap", "1e-46", "float32 range", "BFloat16 logits"],
+    ),
+    (
+        "logit_scale beyond float32",
+        lambda x, y: fused_softmax.cross_entropy(x, y, logit_scale=1e39),
+        RuntimeError,
+        ["logit_scale", "1e+39", "float32 range"],
+    ),
+    (
         "op reduction",
         lambda x, y: OPS.cross_entropy_fwd(x, y, None, -100, 0.0, 3),
         RuntimeError,
@@ -216,3 +234,14 @@ def test_a_meta_tensor_beside_cpu_logits_is_refused(moved, mode):
         RuntimeError, match=f"fused_softmax: {moved}: expected a tensor on cpu like input, got one on meta"
     ):
         fused_softmax.cross_entropy(x, args["target"], weight=args["weight"], inplace_backward=mode == "inplace")
+
+
+def test_float64_logits_take_options_beyond_float32():
+    # float64 logits are computed in float64, where a cap of 1e300 is no cap and a scale of 1e-300 is
+    # representable: computed, not refused.
+    x, y = x_y()
+    x = x.double()
+    plain = fused_softmax.cross_entropy(x, y)
+    torch.testing.assert_close(fused_softmax.cross_entropy(x, y, softcap=1e300), plain, rtol=1e-12, atol=0)
+    scaled = fused_softmax.cross_entropy(x * 1e300, y, logit_scale=1e-300)
+    torch.testing.assert_close(scaled, plain, rtol=1e-12, atol=0)

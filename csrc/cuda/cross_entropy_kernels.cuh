@@ -403,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
-  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
   return forward(Launcher(input), p, ignore_index, label_smoothing, reduction, options);
 }
@@ -413,7 +413,7 @@ template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_on(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
   TORCH_CHECK(
       p.input.is_same(input) && input.is_contiguous(),
@@ -427,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
-  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
   const Launcher launch(input);
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
@@ -440,7 +440,7 @@ at::Tensor cross_entropy_bwd_on(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
     int64_t reduction, double logit_scale, double softcap, double z_loss, int64_t class_start, int64_t num_classes) {
-  const LogitOptions options = check_options(logit_scale, softcap, z_loss);
+  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p =  // checks devices first
       prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
   check_backward_args(grad_loss, p.input, stats, reduction);
