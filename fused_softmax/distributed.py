@@ -28,8 +28,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         acc = accumulate_dtype(local.dtype)
         logit_scale, softcap, z_loss = options
         # The slice's (max, log_sum) of the logits as the softmax sees them; every row "ignored": no target here.
-        nowhere = torch.full((n,), ignore_index, dtype=torch.long, device=local.device)
-        _, stats = _ops.cross_entropy(local.detach(), nowhere, None, ignore_index, 0.0, "none", logit_scale, softcap)
+        if c_local > 0:
+            nowhere = torch.full((n,), ignore_index, dtype=torch.long, device=local.device)
+            _, stats = _ops.cross_entropy(
+                local.detach(), nowhere, None, ignore_index, 0.0, "none", logit_scale, softcap
+            )
+        else:  # a rank may hold no classes: its slice adds nothing (max -inf), and the collectives still run
+            stats = torch.tensor([float("-inf"), 0.0], dtype=acc, device=local.device).expand(n, 2)
         # MAX all-reduce: the rows' global max, and each rank's slice width (-inf from the other ranks).
         widths = torch.full((world,), float("-inf"), dtype=acc, device=local.device)
         widths[rank] = c_local
@@ -49,7 +54,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         w = None if weight is None else weight.to(acc)
         mine = counted & (target >= start) & (target < start + c_local)
         local_index = torch.where(mine, target - start, 0)
-        x_y = transform(local.gather(1, local_index[:, None])[:, 0].to(acc), logit_scale, softcap)
+        x_y = transform(local.gather(1, local_index[:, None])[:, 0].to(acc), logit_scale, softcap) if c_local else 0.0
         eps = label_smoothing
         if eps > 0:  # sum_c w_c x_c over the slice
             x = transform(local.detach().to(acc), logit_scale, softcap)
@@ -85,6 +90,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         local, target, weight, stats = ctx.saved_tensors
         ignore_index, eps, options, start, classes = ctx.args
+        if local.shape[1] == 0:
+            return torch.zeros_like(local), None, None, None, None, None, None
         grad = _ops.cross_entropy_grad(
             grad_loss.to(stats.dtype).contiguous(), local, target, weight, stats, ignore_index, eps, 0,
             *options, start, classes,

@@ -23,6 +23,8 @@ CASES = [
     (dict(reduction="mean", weight=True, label_smoothing=0.2), (173, 427)),
     (dict(reduction="none", z_loss=1e-3, softcap=8.0, logit_scale=0.8), (300, 300)),
     (dict(reduction="mean", weight=True, z_loss=1e-2, logit_scale=1.3, ignore_index=5), (427, 173)),
+    (dict(reduction="mean", weight=True, label_smoothing=0.1), (0, 600)),  # a rank may hold no classes
+    (dict(reduction="none", z_loss=1e-3, softcap=8.0), (600, 0)),
 ]
 
 
