@@ -87,6 +87,7 @@ class BuildWithCpuLevels(BuildExtension):
     compiled for a higher level is never what a lower level's kernels call."""
 
     def build_extension(self, ext):
+        print(*BUILD_PLAN, sep="\n")  # here, not when setup.py is read: pip reads it more than once
         compiler = self.compiler.compiler_so[0]
         levels = cpu_levels(compiler)
         args = ext.extra_compile_args
@@ -126,6 +127,9 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+BUILD_PLAN: list[str] = []  # what the build does, said when it starts
+
+
 def extension():
     # -ffp-contract=off: the kernel's FMAs are the ones it spells out. GCC otherwise fuses a multiply and
     # an add where it sees fit, differently in different inlined copies of the same arithmetic: the
@@ -143,19 +147,19 @@ def extension():
         "csrc/cpu/gradient_memory.cpp",
     ]  # and csrc/cpu/kernels.cpp, once per CPU level (BuildWithCpuLevels)
     if not want_cuda():
-        print(
+        BUILD_PLAN.append(
             f"fused_softmax: building the CPU kernels{' with sanitizers' if SANITIZE else ''}; "
             f"CUDA kernels skipped (torch CUDA {torch.version.cuda}, CUDA_HOME {CUDA_HOME})"
         )
         return CppExtension("fused_softmax._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    print(
+    BUILD_PLAN.append(
         f"fused_softmax: building the CPU kernels and CUDA kernels for "
         f"{os.environ['TORCH_CUDA_ARCH_LIST']} with {CUDA_HOME}"
     )
     if not torch.cuda.is_available():
-        print(
-            "fused_softmax: no GPU here: the CUDA kernels are compiled anyway (about 10 minutes on 2 cores), "
+        BUILD_PLAN.append(
+            "fused_softmax: no GPU here: the CUDA kernels are compiled anyway (about 2 more minutes on 2 cores), "
             "so that the package also runs on a GPU; FUSED_SOFTMAX_CUDA=0 skips them"
         )
     nvcc = ["-O3", "-DFUSED_SOFTMAX_WITH_CUDA", "-Xptxas=-warn-spills", "-Xptxas=-warn-lmem-usage"]

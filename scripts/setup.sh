@@ -21,8 +21,8 @@ python3 -m venv "$venv"
 source "$venv/bin/activate"
 python -m pip install --quiet "$torch_spec" numpy pybind11 ninja "setuptools>=64" wheel
 
-stage "2/3 compiling and installing fused_softmax with $MAX_JOBS jobs (CPU kernels: about 1.5 minutes on 2 cores; the
-  CUDA kernels, when built, about 10 more; the log is build.log)"
+stage "2/3 compiling and installing fused_softmax with $MAX_JOBS jobs (on 2 cores about 1.5 minutes for the CPU
+  kernels, 3 with the CUDA kernels; the log is build.log)"
 # --no-build-isolation: compile against the torch just installed (an isolated build would fetch its own
 # torch, and an extension built for another torch cannot load). --verbose: the build's own lines
 # (indented by pip) say what is compiled, for which CPU levels and GPUs, and whether CUDA is skipped.
@@ -30,7 +30,7 @@ started=$SECONDS
 package=.${EXTRAS:+[$EXTRAS]}
 python -m pip install --no-build-isolation --verbose "$package" 2>&1 | tee build.log |
   grep --line-buffered -E "^\s*fused_softmax:|ptxas warning|error:" || true
-grep -qE "^Successfully installed .*fused_softmax-" build.log || { echo "fused_softmax: build failed, see build.log"; exit 1; }
+grep -qE "^Successfully installed .*fused[-_]softmax-" build.log || { echo "fused_softmax: build failed, see build.log"; exit 1; }
 if grep -q "Registers are spilled" build.log; then
   echo "fused_softmax: the CUDA register report shows spills (see build.log)"; exit 1
 fi
