@@ -176,8 +176,8 @@ def _as_rows(
         raise TypeError(f"cross_entropy: label_smoothing: expected a float, got {type(label_smoothing).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"cross_entropy: label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+    if not 0.0 <= label_smoothing <= 1.0:  # RuntimeError, torch's type; torch ignores a negative one silently
+        raise RuntimeError(f"cross_entropy: label_smoothing: expected a value in [0, 1], got {label_smoothing}")
     if not input.is_floating_point():
         raise TypeError(f"cross_entropy: input: expected floating-point logits, got dtype {input.dtype}")
     if input.dim() == 0:
@@ -197,7 +197,9 @@ def _as_rows(
     expected = input.shape if probabilities else rows_shape
     if target.shape != expected:
         kind = "class probabilities" if probabilities else "class indices"
-        raise ValueError(
+        # torch's types: ValueError where the class indices' batch size differs from input's, else RuntimeError
+        batch_mismatch = not probabilities and input.dim() > 1 and target.shape[:1] != input.shape[:1]
+        raise (ValueError if batch_mismatch else RuntimeError)(
             f"cross_entropy: target: expected {kind} of shape {tuple(expected)} for input of "
             f"shape {tuple(input.shape)}, got shape {tuple(target.shape)}"
         )

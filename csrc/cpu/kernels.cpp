@@ -840,7 +840,7 @@ int64_t check_target_range_cpu(const at::Tensor& target64, int64_t C, int64_t ig
     bad += !skip & (static_cast<uint64_t>(y[i]) >= static_cast<uint64_t>(C));  // negative ones wrap to huge
   }
   for (int64_t i = 0; bad > 0 && i < N; ++i) {
-    TORCH_CHECK(
+    TORCH_CHECK_INDEX(  // IndexError, as torch's CPU kernel raises
         y[i] == ignore_index || (y[i] >= 0 && y[i] < C),
         "fused_softmax: target: class index ", y[i], " at position ", i, " is out of range for ", C,
         " classes (expected 0 <= target < ", C, " or target == ignore_index ", ignore_index, ")");
