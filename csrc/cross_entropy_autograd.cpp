@@ -75,13 +75,15 @@ bool traced(const at::Tensor& t) {
   return t.key_set().has(c10::DispatchKey::Python) || c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
 }
 
+// Whether grad_loss is known to be all ones: read where that costs no device sync and it holds real values.
+bool all_ones(const at::Tensor& grad_loss) {
+  return !traced(grad_loss) && grad_loss.device().is_cpu() && grad_loss.eq(1).all().item<bool>();
+}
+
 // A (rows, classes) gradient formed for grad_loss = 1, scaled in place to grad_loss (per row for
-// reduction 'none'); skipped for the usual grad_loss of 1 when reading it costs no device sync and
-// it is a real value.
+// reduction 'none'); as it is for the usual grad_loss of 1.
 at::Tensor scaled_in_place(at::Tensor grad, const at::Tensor& grad_loss, int64_t reduction) {
-  const bool unit =
-      !traced(grad_loss) && grad_loss.device().is_cpu() && grad_loss.numel() == 1 && grad_loss.item<double>() == 1.0;
-  if (unit) return grad;
+  if (all_ones(grad_loss)) return grad;
   // grad_loss as a column in its own (accumulation) dtype, so that each product rounds once.
   const int64_t N = grad.size(0);
   const at::Tensor g = reduction == kNone ? grad_loss.unsqueeze(1) : grad_loss.expand({N, 1});
@@ -141,11 +143,18 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     const at::Tensor& grad_loss = grads[0];
     variable_list out(10);  // one per forward argument; only input and target have gradients
     if (!grad_loss.defined()) return out;
+    at::Tensor formed_grad;
     const auto formed = ctx->saved_data.find("formed_grad");
     if (formed != ctx->saved_data.end() && formed->second.isTensor()) {
-      at::Tensor grad = formed->second.toTensor();
+      formed_grad = formed->second.toTensor();
       formed->second = c10::IValue();  // handed over (or dropped): a later backward recomputes
-      if (ctx->needs_input_grad(0)) out[0] = scaled_in_place(std::move(grad), grad_loss, reduction);
+    }
+    // A 16-bit gradient formed for grad_loss = 1 is rounded already: scaled to another grad_loss (loss
+    // scaling, a loss divided for gradient accumulation) it would be rounded twice, so it is recomputed.
+    const bool use_formed =
+        formed_grad.defined() && (formed_grad.element_size() >= 4 || all_ones(grad_loss));
+    if (ctx->needs_input_grad(0) && use_formed) {
+      out[0] = scaled_in_place(std::move(formed_grad), grad_loss, reduction);
     } else if (ctx->needs_input_grad(0)) {
       out[0] = call_bwd(
           grad_loss, input, target, weight, stats, ignore_index, eps, reduction, logit_scale, softcap, z_loss);

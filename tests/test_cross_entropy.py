@@ -401,3 +401,20 @@ def test_class_weights_torch_takes_give_torch_results(weights, classes, probabil
                 assert torch.equal(got.isfinite(), wanted.isfinite())
                 finite = wanted.isfinite()
                 torch.testing.assert_close(got[finite], wanted[finite], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_16_bit_gradient_scaled_by_grad_output_is_rounded_once(dtype, reduction):
+    # On the CPU the forward forms the gradient for grad_output 1, in the logits' dtype. For another
+    # grad_output (loss scaling, a loss divided for gradient accumulation) the first backward must not
+    # scale that rounded gradient (two roundings): it gives the bits of a recomputed gradient (a second
+    # backward through the same graph), rounded once from float32.
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 300, generator=g) * 3).to(dtype).requires_grad_()
+    y = torch.randint(0, 300, (64,), generator=g)
+    loss = fused_softmax.cross_entropy(x, y, reduction=reduction)
+    cotangent = torch.full_like(loss, 0.37) if reduction != "none" else torch.linspace(0.1, 3.0, 64).to(loss.dtype)
+    (first,) = torch.autograd.grad(loss, x, cotangent, retain_graph=True)
+    (again,) = torch.autograd.grad(loss, x, cotangent)
+    assert torch.equal(first, again)
