@@ -149,12 +149,12 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
       formed_grad = formed->second.toTensor();
       formed->second = c10::IValue();  // handed over (or dropped): a later backward recomputes
     }
-    // A 16-bit gradient formed for grad_loss = 1 is rounded already: scaled to another grad_loss (loss
-    // scaling, a loss divided for gradient accumulation) it would be rounded twice, so it is recomputed.
-    const bool use_formed =
-        formed_grad.defined() && (formed_grad.element_size() >= 4 || all_ones(grad_loss));
-    if (ctx->needs_input_grad(0) && use_formed) {
-      out[0] = scaled_in_place(std::move(formed_grad), grad_loss, reduction);
+    // The gradient formed for grad_loss = 1 serves for grad_loss = 1 (the usual case). For any other it
+    // is recomputed: scaled, a 16-bit one would be rounded twice (loss scaling, a loss divided for
+    // gradient accumulation), and any other would differ from a recomputed one (a second backward,
+    // gradcheck's reentrancy check) in the last bit.
+    if (ctx->needs_input_grad(0) && formed_grad.defined() && all_ones(grad_loss)) {
+      out[0] = std::move(formed_grad);
     } else if (ctx->needs_input_grad(0)) {
       out[0] = call_bwd(
           grad_loss, input, target, weight, stats, ignore_index, eps, reduction, logit_scale, softcap, z_loss);

@@ -403,13 +403,14 @@ def test_class_weights_torch_takes_give_torch_results(weights, classes, probabil
                 torch.testing.assert_close(got[finite], wanted[finite], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_a_16_bit_gradient_scaled_by_grad_output_is_rounded_once(dtype, reduction):
+def test_the_first_backward_gives_the_bits_of_a_recomputed_one(dtype, reduction):
     # On the CPU the forward forms the gradient for grad_output 1, in the logits' dtype. For another
-    # grad_output (loss scaling, a loss divided for gradient accumulation) the first backward must not
-    # scale that rounded gradient (two roundings): it gives the bits of a recomputed gradient (a second
-    # backward through the same graph), rounded once from float32.
+    # grad_output the first backward gives the bits of a recomputed gradient (a second backward through
+    # the same graph): a 16-bit gradient is not scaled after its rounding (loss scaling, a loss divided
+    # for gradient accumulation: two roundings), nor is another (gradcheck's fast mode reported the last
+    # bit's difference as "Backward is not reentrant").
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(64, 300, generator=g) * 3).to(dtype).requires_grad_()
     y = torch.randint(0, 300, (64,), generator=g)

@@ -219,8 +219,9 @@ def test_device_side_asserts_name_the_argument(sim):
     x = torch.randn(8, 100)
     with pytest.raises(RuntimeError, match="class index out of range"):
         sim.cross_entropy_fwd(x, torch.full((8,), 100), None, -100, 0.0, 0, 1.0, 0.0, 0.0)
-    with pytest.raises(RuntimeError, match="weight: class weights must be finite"):
-        sim.cross_entropy_fwd(x, torch.zeros(8, dtype=torch.int64), -torch.ones(100), -100, 0.0, 0, 1.0, 0.0, 0.0)
+    # Class weights that torch computes with (negative ones here) are computed with: no assert.
+    loss, _ = sim.cross_entropy_fwd(x, torch.zeros(8, dtype=torch.int64), -torch.ones(100), -100, 0.0, 0, 1.0, 0.0, 0.0)
+    assert loss.isfinite().all() and (loss <= 0).all()
 
 
 @pytest.mark.parametrize("which", ["shuffle", "barrier"])
