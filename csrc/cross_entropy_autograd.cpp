@@ -77,7 +77,9 @@ bool traced(const at::Tensor& t) {
 
 // Whether grad_loss is known to be all ones: read where that costs no device sync and it holds real values.
 bool all_ones(const at::Tensor& grad_loss) {
-  return !traced(grad_loss) && grad_loss.device().is_cpu() && grad_loss.eq(1).all().item<bool>();
+  if (traced(grad_loss) || !grad_loss.device().is_cpu()) return false;
+  if (grad_loss.numel() == 1) return grad_loss.item<double>() == 1.0;  // a reduced loss's: no tensor ops
+  return grad_loss.eq(1).all().item<bool>();
 }
 
 // A (rows, classes) gradient formed for grad_loss = 1, scaled in place to grad_loss (per row for

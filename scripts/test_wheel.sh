@@ -27,6 +27,11 @@ grep -x "Requires-Dist: torch==$torch_release" "$work"/unpacked/*.dist-info/META
 echo "fused_softmax: installing the wheel into a fresh environment"
 python -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install --quiet "$wheel"
+# The library needs torch alone: the trainer's plotting and progress-bar extras are not pulled in.
+"$work/venv/bin/python" -c "
+import importlib.util
+extras = [name for name in ('matplotlib', 'tqdm') if importlib.util.find_spec(name)]
+assert not extras, f'pip install of the wheel pulled in {extras}'"
 # pip itself refuses the wheel beside another torch.
 "$work/venv/bin/python" -m pip install --dry-run "$wheel" "torch!=$torch_release" > "$work/mismatch.log" 2>&1 || true
 grep -q "conflicting dependencies" "$work/mismatch.log" ||
