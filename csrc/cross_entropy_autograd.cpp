@@ -158,6 +158,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     if (ctx->needs_input_grad(0) && formed_grad.defined() && all_ones(grad_loss)) {
       out[0] = std::move(formed_grad);
     } else if (ctx->needs_input_grad(0)) {
+      formed_grad.reset();  // freed first: the recomputed gradient takes its memory, the peak stays one gradient
       out[0] = call_bwd(
           grad_loss, input, target, weight, stats, ignore_index, eps, reduction, logit_scale, softcap, z_loss);
     }

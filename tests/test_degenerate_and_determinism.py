@@ -179,6 +179,24 @@ def test_gradients_of_alternating_sizes_each_keep_their_mapping():
 
 @pytest.mark.cpu_kernel
 @pytest.mark.skipif(sys.platform != "linux", reason="the kept mappings are Linux's")
+def test_a_recomputed_gradient_takes_the_formed_ones_memory():
+    """For a grad_output other than 1 the backward recomputes the gradient the forward formed: the formed
+    one is freed first and the recomputed one takes its memory, so the peak stays one gradient (held
+    during the recomputation, the formed one made it two: 4096 fresh pages for this 16 MiB one)."""
+    x, y = torch.randn(2048, 2048), torch.randint(0, 2048, (2048,))
+    fused_softmax.empty_cache()  # no kept mapping for the recomputed gradient but the formed one's
+    h = x.requires_grad_(True)
+    loss = fused_softmax.cross_entropy(h, y)
+    before = minor_faults()
+    torch.autograd.grad(loss * 0.5, h)
+    faults = minor_faults() - before
+    fused_softmax.empty_cache()
+    faults_are_ours()
+    assert faults < 512, faults
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.skipif(sys.platform != "linux", reason="the kept mappings are Linux's")
 def test_only_the_last_four_freed_gradient_mappings_are_kept():
     """The kept mappings are bounded: of five gradients freed in turn, the oldest's memory went back to
     the system (its size faults in fresh pages again); the newest's is reused."""
