@@ -7,6 +7,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <optional>
+
 namespace fused_softmax {
 namespace {
 
@@ -145,6 +147,10 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     const at::Tensor& grad_loss = grads[0];
     variable_list out(10);  // one per forward argument; only input and target have gradients
     if (!grad_loss.defined()) return out;
+    // create_graph=True: the gradients must be differentiable (a gradient penalty, gradgradcheck). The
+    // backward op then goes through its own autograd (fused_softmax/_ops.py), and nothing formed for
+    // grad_loss = 1 without a graph is handed over.
+    const bool create_graph = at::GradMode::is_enabled();
     at::Tensor formed_grad;
     const auto formed = ctx->saved_data.find("formed_grad");
     if (formed != ctx->saved_data.end() && formed->second.isTensor()) {
@@ -155,19 +161,24 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     // is recomputed: scaled, a 16-bit one would be rounded twice (loss scaling, a loss divided for
     // gradient accumulation), and any other would differ from a recomputed one (a second backward,
     // gradcheck's reentrancy check) in the last bit.
-    if (ctx->needs_input_grad(0) && formed_grad.defined() && all_ones(grad_loss)) {
+    if (ctx->needs_input_grad(0) && formed_grad.defined() && !create_graph && all_ones(grad_loss)) {
       out[0] = std::move(formed_grad);
     } else if (ctx->needs_input_grad(0)) {
       formed_grad.reset();  // freed first: the recomputed gradient takes its memory, the peak stays one gradient
+      std::optional<at::AutoDispatchBelowADInplaceOrView> plain;  // no graph wanted: skip the op's autograd
+      if (!create_graph) plain.emplace();
       out[0] = call_bwd(
           grad_loss, input, target, weight, stats, ignore_index, eps, reduction, logit_scale, softcap, z_loss);
     }
     if (ctx->needs_input_grad(1)) {
       // Probability targets: d loss_i / d t_ic = (1 - eps) * w_c * (lse_i - x_ic), lse - x = log_sum - (x - max),
-      // x the logits as the softmax saw them.
+      // x the logits as the softmax saw them. With create_graph the lse is recomputed from the logits, so
+      // that this gradient's own gradient reaches them.
       at::Tensor x = input.to(stats.scalar_type()) * logit_scale;
       if (softcap > 0) x = at::where(at::isneginf(x), x, at::tanh(x / softcap) * softcap);
-      at::Tensor lse_minus_x = stats.select(1, 1).unsqueeze(1) - (x - stats.select(1, 0).unsqueeze(1));
+      at::Tensor lse_minus_x = create_graph
+                                   ? at::logsumexp(x, 1, /*keepdim=*/true) - x
+                                   : stats.select(1, 1).unsqueeze(1) - (x - stats.select(1, 0).unsqueeze(1));
       at::Tensor g = grad_loss.to(stats.scalar_type());  // per row, or one value for a reduced loss
       if (reduction == kNone) g = g.unsqueeze(1);
       if (reduction == kMean) g = g / static_cast<double>(input.size(0));  // probabilities: mean over rows
@@ -209,6 +220,10 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
         !ctx->saved_data["used"].toBool(),
         "fused_softmax: inplace_backward=True: the stored gradient was already used by a backward; it cannot be "
         "backpropagated twice (retain_graph)");
+    TORCH_CHECK(
+        !at::GradMode::is_enabled(),
+        "fused_softmax: inplace_backward=True: second derivatives (backward with create_graph=True) need the "
+        "logits, which the forward overwrote with their gradient; use inplace_backward=False");
     ctx->saved_data["used"] = true;
     variable_list out = kNoGrads;
     const at::Tensor& grad_loss = grads[0];

@@ -99,6 +99,12 @@ def cross_entropy_grad(*args) -> Tensor:
     return torch.ops.fused_softmax.cross_entropy_bwd(*args)
 
 
+INPLACE_CREATE_GRAPH = (
+    "fused_softmax: inplace_backward=True: second derivatives (backward with create_graph=True) need the "
+    "logits, which the forward overwrote with their gradient; use inplace_backward=False"
+)
+
+
 class _ReferenceInplace(torch.autograd.Function):
     """The in-place contract in plain PyTorch (no compiled ops): the gradient replaces the logits."""
 
@@ -115,6 +121,8 @@ class _ReferenceInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_stats, grad_input):
+        if torch.is_grad_enabled():
+            raise RuntimeError(INPLACE_CREATE_GRAPH)
         (grad,) = ctx.saved_tensors
         g = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
         return (grad * g,) + (None,) * 8
@@ -171,6 +179,34 @@ if _C is not None:
     def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, *options):
         _check_devices(input, grad_loss=grad_loss, target=target, weight=weight, stats=stats)
         return input.new_empty(input.shape)
+
+    def _bwd_setup_context(ctx, inputs, output) -> None:
+        grad_loss, input, target, weight, _stats, *options = inputs
+        ctx.save_for_backward(grad_loss, input, target, weight)
+        ctx.options = options
+
+    def _bwd_backward(ctx, grad_grad: Tensor):
+        """Second derivatives: the backward op's result written in differentiable torch ops (reference), with
+        the row statistics recomputed from input so that the softmax's own derivative is in it, and
+        differentiated. Reached only with create_graph=True (csrc/cross_entropy_autograd.cpp)."""
+        grad_loss, input, target, weight = ctx.saved_tensors
+        ignore_index, eps, reduction, logit_scale, softcap, z_loss, class_start, num_classes = ctx.options
+        if class_start != 0 or num_classes not in (0, input.shape[1]):
+            raise RuntimeError("fused_softmax: cross_entropy_bwd: no second derivatives for a block of classes")
+        create_graph = torch.is_grad_enabled()
+        wrt = [t for t, need in zip((grad_loss, input, target), ctx.needs_input_grad) if need]
+        with torch.enable_grad():
+            x = reference.transform(input.to(reference.accumulate_dtype(input.dtype)), logit_scale, softcap)
+            grad = reference.cross_entropy_rows_grad(
+                grad_loss, input, target, weight, reference.row_stats(x), ignore_index, eps, reduction,
+                logit_scale, softcap, z_loss,
+            )  # fmt: skip
+            found = iter(torch.autograd.grad(grad, wrt, grad_grad, create_graph=create_graph, allow_unused=True))
+        return (*(next(found) if need else None for need in ctx.needs_input_grad[:3]), *(None,) * 10)
+
+    torch.library.register_autograd(
+        "fused_softmax::cross_entropy_bwd", _bwd_backward, setup_context=_bwd_setup_context
+    )
 
     if not _C.cuda_built():  # CUDA tensors still work, through the reference math
 

@@ -230,11 +230,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         input, linear_weight, linear_bias, target, weight, stats = saved
         needs = tuple(ctx.needs_input_grad[:3])
         ignore_index, eps, reduction, chunk, options = ctx.options
+        rows_grad = grad_output if reduction == 0 else (grad_output / grad_divisor).expand(input.shape[0])
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
+            ctx.grads = None
+            return (*_gradients_with_graph(saved, needs, rows_grad, ignore_index, eps, options), *no_grads)
         if ctx.grads is not None:  # handed over, scaled in place: a second (C, H) weight gradient would double the peak
             formed = iter(g.mul_(grad_output / grad_divisor) for g in ctx.grads)
             ctx.grads = None  # the caller owns them now; a later backward recomputes
             return (*(next(formed) if need else None for need in needs), *no_grads)
-        rows_grad = grad_output if reduction == 0 else (grad_output / grad_divisor).expand(input.shape[0])
         rows_grad = rows_grad.to(stats.dtype).contiguous()
         grads = _Gradients(needs, input, linear_weight, stats.dtype)
         for start in range(0, input.shape[0], chunk):
@@ -247,3 +250,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads.add(part, grad_logits, input, linear_weight)
             del grad_logits
         return (*grads.result(rows_grad, chunk, saved, ignore_index, eps, options), *no_grads)
+
+
+def _gradients_with_graph(saved: tuple, needs: tuple, rows_grad: Tensor, ignore_index: int, eps: float, options):
+    """(input, weight, bias) gradients that autograd can differentiate again (create_graph=True): the
+    logits are formed whole, once, and differentiated through the fused op, whose backward is
+    differentiable itself (fused_softmax/_ops.py). Second derivatives hold the N x C logits."""
+    input, linear_weight, linear_bias, target, weight, _stats = saved
+    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+    losses, _ = _ops.cross_entropy(logits, target, weight, ignore_index, eps, "none", *options)
+    wrt = [t for t, need in zip((input, linear_weight, linear_bias), needs) if need]
+    found = iter(torch.autograd.grad(losses, wrt, rows_grad.to(losses.dtype), create_graph=True))
+    return tuple(next(found) if need else None for need in needs)

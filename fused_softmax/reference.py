@@ -137,10 +137,12 @@ def cross_entropy_rows_grad(
     [class_start, class_start + input.shape[1]) of rows of num_classes (0: input.shape[1]) classes."""
     acc = accumulate_dtype(input.dtype)
     x = transform(input.to(acc), logit_scale, softcap)
-    if reduction != 0:  # one value for every row
-        divisor = mean_divisor(target, weight, ignore_index, acc) if reduction == 1 else 1
-        grad_loss = (grad_loss.to(acc) / divisor).expand(x.shape[0])
     q, valid = _target_mass(target, weight, ignore_index, label_smoothing, num_classes or x.shape[1], acc)
+    if reduction != 0:  # one value for every row
+        divisor = 1
+        if reduction == 1:  # every row ignored: zero gradients, not 0 / 0 (nor NaN second derivatives)
+            divisor = torch.where(valid.any(), mean_divisor(target, weight, ignore_index, acc), torch.inf)
+        grad_loss = (grad_loss.to(acc) / divisor).expand(x.shape[0])
     stats = stats.to(acc)
     p = torch.exp(minus_lse(x, stats))
     S = q.sum(1, keepdim=True) + 2 * z_loss * stats.sum(1, keepdim=True)
