@@ -194,7 +194,7 @@ if _C is not None:
         if class_start != 0 or num_classes not in (0, input.shape[1]):
             raise RuntimeError("fused_softmax: cross_entropy_bwd: no second derivatives for a block of classes")
         create_graph = torch.is_grad_enabled()
-        wrt = [t for t, need in zip((grad_loss, input, target), ctx.needs_input_grad) if need]
+        wrt = [t for t, need in zip((grad_loss, input, target), ctx.needs_input_grad[:3], strict=True) if need]
         with torch.enable_grad():
             x = reference.transform(input.to(reference.accumulate_dtype(input.dtype)), logit_scale, softcap)
             grad = reference.cross_entropy_rows_grad(
@@ -204,9 +204,7 @@ if _C is not None:
             found = iter(torch.autograd.grad(grad, wrt, grad_grad, create_graph=create_graph, allow_unused=True))
         return (*(next(found) if need else None for need in ctx.needs_input_grad[:3]), *(None,) * 10)
 
-    torch.library.register_autograd(
-        "fused_softmax::cross_entropy_bwd", _bwd_backward, setup_context=_bwd_setup_context
-    )
+    torch.library.register_autograd("fused_softmax::cross_entropy_bwd", _bwd_backward, setup_context=_bwd_setup_context)
 
     if not _C.cuda_built():  # CUDA tensors still work, through the reference math
 

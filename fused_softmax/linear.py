@@ -259,6 +259,6 @@ def _gradients_with_graph(saved: tuple, needs: tuple, rows_grad: Tensor, ignore_
     input, linear_weight, linear_bias, target, weight, _stats = saved
     logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
     losses, _ = _ops.cross_entropy(logits, target, weight, ignore_index, eps, "none", *options)
-    wrt = [t for t, need in zip((input, linear_weight, linear_bias), needs) if need]
+    wrt = [t for t, need in zip((input, linear_weight, linear_bias), needs, strict=True) if need]
     found = iter(torch.autograd.grad(losses, wrt, rows_grad.to(losses.dtype), create_graph=True))
     return tuple(next(found) if need else None for need in needs)
