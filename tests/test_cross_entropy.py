@@ -83,6 +83,15 @@ def test_probability_targets_gradient_to_target(device):
     torch.testing.assert_close(ours, tt.grad)
 
 
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_smoothing_at_a_large_vocabulary(device, probabilities):
+    """The smoothing term sums over every class: at 64 x 128256 float32 it was 5.6e-5 off float64 (torch
+    8.2e-7) while each vector lane summed 8016 terms; now within twice torch's error."""
+    x = torch.randn(64, 128256, device=device)
+    y = torch.softmax(torch.randn_like(x), 1) if probabilities else torch.randint(0, 128256, (64,), device=device)
+    assert_matches_torch(x, y, reduction="none", label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("probabilities", [False, True])
 def test_spatial_and_unbatched(device, reduction, probabilities):

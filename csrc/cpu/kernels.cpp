@@ -419,6 +419,16 @@ struct Problem {
 
   // --- the row path -------------------------------------------------------------------------
 
+  // A row's sums go kSumBlock classes at a time into vectors, and each block's total into a double:
+  // a lane adds at most 2048 / K (128-256) terms, so the sums stay within a few float32 ulps at any
+  // C (a lane adding 2^20 terms of a 2^24-class row put its lse 1.2e-3 off; docs/decisions.md). A
+  // row of up to kSumBlock classes is summed exactly as without blocks.
+  static constexpr int64_t kSumBlock = 2048;
+
+  static double sum_lanes(const Vec& v) {
+    return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v);
+  }
+
   acc_t row_max(const scalar_t* xi) const {  // T is monotone: the max of x is T(the max of r)
     // Four running maxima: with one, every vector waited on the previous max (and its NaN check),
     // the forward's bottleneck at C = 1000. A max is exact, so the order changes no bit.
@@ -460,21 +470,29 @@ struct Problem {
     const SpreadMass<acc_t, scalar_t> q = spread(i);
     const bool spread_on = has_spread();
     const Vec zero(0);
-    Vec sum_exp(0), mass(0), mass_dot(0);
-    for_each_vector<K>(C, [&](int64_t j, auto n) {
-      const Vec xm = Vec::set(zero, logits<kTransformed>(xi, j, n) - Vec(m), n);  // past the row: 0, not inf
-      const Vec ej = vexp(xm);
-      sum_exp += Vec::set(zero, ej, n);
-      if (e) ej.store(e + j, n);
-      if (spread_on) {
-        const Vec qj = q.at(j, n);
-        mass += qj;
-        mass_dot = at::vec::fmadd(qj, xm, mass_dot);
+    double sum_exp = 0, mass = 0, mass_dot = 0;  // the blocks' sums (see kSumBlock)
+    for (int64_t b = 0; b < C; b += kSumBlock) {
+      Vec block_exp(0), block_mass(0), block_dot(0);
+      for_each_vector<K>(std::min(kSumBlock, C - b), [&](int64_t jb, auto n) {
+        const int64_t j = b + jb;
+        const Vec xm = Vec::set(zero, logits<kTransformed>(xi, j, n) - Vec(m), n);  // past the row: 0, not inf
+        const Vec ej = vexp(xm);
+        block_exp += Vec::set(zero, ej, n);
+        if (e) ej.store(e + j, n);
+        if (spread_on) {
+          const Vec qj = q.at(j, n);
+          block_mass += qj;
+          block_dot = at::vec::fmadd(qj, xm, block_dot);
+        }
+      });
+      sum_exp += sum_lanes(block_exp);
+      if (spread_on) {  // horizontal sums cost as much as a short row: only the ones needed
+        mass += sum_lanes(block_mass);
+        mass_dot += sum_lanes(block_dot);
       }
-    });
-    auto add = [](Vec& a, Vec& b) { return a + b; };
+    }
     // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
-    const acc_t log_sum = std::isfinite(m) ? std::log(at::vec::vec_reduce_all<acc_t>(add, sum_exp))
+    const acc_t log_sum = std::isfinite(m) ? std::log(static_cast<acc_t>(sum_exp))
                                            : std::numeric_limits<acc_t>::quiet_NaN();
     stats[i] = {m, log_sum};
     if (ignored(i)) {
@@ -483,9 +501,7 @@ struct Problem {
     }
     // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
     acc_t l = 0;
-    if (spread_on) {  // horizontal sums cost as much as a short row: only the ones needed
-      l = at::vec::vec_reduce_all<acc_t>(add, mass) * log_sum - at::vec::vec_reduce_all<acc_t>(add, mass_dot);
-    }
+    if (spread_on) l = static_cast<acc_t>(mass) * log_sum - static_cast<acc_t>(mass_dot);
     if (y) l += target_coef(y[i]) * (log_sum - (transform(static_cast<acc_t>(xi[y[i]])) - m));
     if (z_loss > 0) l += z_loss * stats[i].lse() * stats[i].lse();
     loss[i] = l;
@@ -501,9 +517,14 @@ struct Problem {
     acc_t S = 0;
     if (t) {  // summed over all the classes, not only x's
       const SpreadMass<acc_t, scalar_t> whole{t + i * t_stride, w, q.a, q.b};
-      Vec mass(0);
-      for (int64_t j = 0; j < classes; j += K) mass += whole.at(j, std::min(K, classes - j));
-      S = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, mass);
+      double mass = 0;
+      for (int64_t b = 0; b < classes; b += kSumBlock) {
+        Vec block_mass(0);
+        const int64_t end = std::min(b + kSumBlock, classes);
+        for (int64_t j = b; j < end; j += K) block_mass += whole.at(j, std::min(K, end - j));
+        mass += sum_lanes(block_mass);
+      }
+      S = static_cast<acc_t>(mass);
     } else {
       S = target_coef(y[i]) + spread_index_mass;
     }

@@ -55,6 +55,7 @@ __device__ __forceinline__ RowState<acc_t> shuffle_xor(const RowState<acc_t>& s,
 template <int kThreads, typename acc_t>
 __device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> s, RowState<acc_t>* smem) {
   constexpr int kFirstOffset = (kThreads < kWarp ? kThreads : kWarp) / 2;
+  s = s.folded();  // the shuffles copy no compensation
   for (int offset = kFirstOffset; offset > 0; offset /= 2) s.merge(shuffle_xor(s, offset));
   if constexpr (kThreads > kWarp) {
     const int warp = threadIdx.x / kWarp;
