@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, reference
 from .reference import REDUCTIONS, mean_divisor
 
 
@@ -71,16 +71,37 @@ def cross_entropy(
     inplace_backward = inplace_backward and torch.is_grad_enabled() and input.requires_grad
     if inplace_backward:
         _check_inplace(input)
-    loss, stats = _ops.cross_entropy(
-        rows, target_rows, weight, ignore_index, label_smoothing, reduction,
-        float(logit_scale), float(softcap or 0.0), float(z_loss), inplace_backward,
-    )  # fmt: skip
+    if rows.shape[1] == 0:
+        loss, stats = _no_classes(rows, target_rows, weight, ignore_index, label_smoothing, reduction, z_loss)
+    else:
+        loss, stats = _ops.cross_entropy(
+            rows, target_rows, weight, ignore_index, label_smoothing, reduction,
+            float(logit_scale), float(softcap or 0.0), float(z_loss), inplace_backward,
+        )  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(rows_shape)
     out_dtype = loss_dtype(input, target)
     loss = _as_dtype(loss, out_dtype)  # 'mean' with every target ignored: 0 / 0 = nan, as in torch
     if not (return_lse or return_z_loss):
         return loss
+    return with_lse_and_z_loss(
+        loss, stats, target_rows, weight, ignore_index, reduction, z_loss, rows_shape, return_lse, return_z_loss
+    )
+
+
+def with_lse_and_z_loss(
+    loss: Tensor,
+    stats: Tensor,
+    target_rows: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    z_loss: float,
+    rows_shape: torch.Size,
+    return_lse: bool,
+    return_z_loss: bool,
+) -> CrossEntropyOutput:
+    """The loss with what return_lse and return_z_loss ask for, from the op's per-row stats."""
     lse = stats.sum(1)
     z_part = None
     if return_z_loss:
@@ -90,8 +111,29 @@ def cross_entropy(
             z_part = z_part.sum()
             if reduction == "mean":
                 z_part = z_part / mean_divisor(target_rows, weight, ignore_index, z_part.dtype)
-        z_part = _as_dtype(z_part.reshape(rows_shape) if reduction == "none" else z_part, out_dtype)
+        z_part = _as_dtype(z_part.reshape(rows_shape) if reduction == "none" else z_part, loss.dtype)
     return CrossEntropyOutput(loss, lse.reshape(rows_shape) if return_lse else None, z_part)
+
+
+def _no_classes(
+    rows: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, eps: float, reduction: str, z_loss: float
+) -> tuple[Tensor, Tensor]:
+    """Logits with 0 classes: torch's own values (0 or -0 per row, NaN for 'mean', NaN with smoothing)
+    and errors (IndexError for a class index that is not ignored), as the ops' (loss, stats); each
+    row's lse is -inf, so a z-loss makes its rows infinite."""
+    acc = reference.accumulate_dtype(rows.dtype)
+    probabilities = target.is_floating_point()
+    kept = torch.ones(rows.shape[0], dtype=torch.bool) if probabilities else (target != ignore_index).cpu()
+    if not probabilities and kept.any():
+        raise IndexError("cross_entropy: target: class indices out of range for input with 0 classes")
+    loss = torch.nn.functional.cross_entropy(
+        rows.to(acc), target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=eps
+    )
+    stats = rows.new_full((rows.shape[0], 2), float("-inf"), dtype=acc)
+    if z_loss > 0:
+        z_part = torch.where(kept, torch.inf, 0.0).to(device=rows.device, dtype=acc)
+        loss = loss + (z_part if reduction == "none" else z_part.sum())
+    return loss, stats
 
 
 def loss_dtype(logits: Tensor, target: Tensor | None = None) -> torch.dtype:
@@ -207,15 +249,13 @@ def _as_rows(
         target = _probabilities_as_read(target, input.dtype)
 
     num_classes = input.shape[0] if unbatched else input.shape[1]
-    if num_classes == 0:
-        raise ValueError(f"cross_entropy: input: expected at least one class, got shape {tuple(input.shape)}")
     if unbatched:
         rows, target = input.unsqueeze(0), target.unsqueeze(0)
     elif input.dim() == 2:
         rows = input
     else:  # (N, C, d1, ..., dk) -> (N * d1 * ... * dk, C): classes last, one copy when they were not
-        rows = input.movedim(1, -1).reshape(-1, num_classes)
-        target = target.movedim(1, -1).reshape(-1, num_classes) if probabilities else target.reshape(-1)
+        rows = input.movedim(1, -1).reshape(rows_shape.numel(), num_classes)
+        target = target.movedim(1, -1).reshape(rows.shape) if probabilities else target.reshape(-1)
     return rows, target, rows_shape
 
 

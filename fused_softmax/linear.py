@@ -13,7 +13,15 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .functional import _as_dtype, _as_index, _probabilities_as_read, cross_entropy, loss_dtype
+from .functional import (
+    CrossEntropyOutput,
+    _as_dtype,
+    _as_index,
+    _probabilities_as_read,
+    cross_entropy,
+    loss_dtype,
+    with_lse_and_z_loss,
+)
 from .reference import REDUCTIONS, accumulate_dtype, mean_divisor
 
 # A chunk of rows' logits takes about this many bytes unless chunk_size says otherwise.
@@ -34,10 +42,12 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-) -> Tensor:
+    return_lse: bool = False,
+    return_z_loss: bool = False,
+) -> Tensor | CrossEntropyOutput:
     """As torch.nn.functional.linear_cross_entropy (input (N, H) or (H,), linear_weight (C, H),
     linear_bias (C,)), without ever holding the (N, C) logits: rows go chunk_size at a time.
-    z_loss, softcap and logit_scale as in fused_softmax.cross_entropy."""
+    z_loss, softcap, logit_scale, return_lse and return_z_loss as in fused_softmax.cross_entropy."""
     ignore_index = -100 if ignore_index is None else _as_index(ignore_index)
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
         raise ValueError(
@@ -60,7 +70,8 @@ def linear_cross_entropy(
         logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
         return cross_entropy(
             logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, return_lse=return_lse,
+            return_z_loss=return_z_loss,
         )  # fmt: skip
 
     device_type = input.device.type
@@ -98,7 +109,7 @@ def linear_cross_entropy(
     chunk = chunk_size or _power_of_two_at_most(_CHUNK_BYTES // (max(1, linear_weight.shape[0]) * input.element_size()))
     out_dtype = loss_dtype(input, target)  # float32 under autocast, as its F.cross_entropy returns
     with torch.autocast(device_type, enabled=False):  # the chunks' matmuls in the dtype cast above
-        loss = _LinearCrossEntropy.apply(
+        loss, stats = _LinearCrossEntropy.apply(
             rows,
             linear_weight,
             linear_bias,
@@ -112,7 +123,13 @@ def linear_cross_entropy(
         )
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
-    return _as_dtype(loss, out_dtype)
+    loss = _as_dtype(loss, out_dtype)
+    if not (return_lse or return_z_loss):
+        return loss
+    rows_shape = rows.shape[:0] if unbatched else rows.shape[:1]
+    return with_lse_and_z_loss(
+        loss, stats, rows_target, weight, ignore_index, reduction, z_loss, rows_shape, return_lse, return_z_loss
+    )
 
 
 def _linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, buffer: Tensor) -> Tensor:
@@ -221,10 +238,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.grads = [g for g in grads.result(unit, chunk, saved, ignore_index, eps, options) if g is not None]
         ctx.save_for_backward(*saved, grad_divisor)
         ctx.options = (ignore_index, eps, reduction, chunk, options)
-        return losses if reduction == 0 else losses.sum() / divisor
+        ctx.mark_non_differentiable(stats)
+        return (losses if reduction == 0 else losses.sum() / divisor), stats
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_stats):
         no_grads = (None,) * 7
         *saved, grad_divisor = ctx.saved_tensors
         input, linear_weight, linear_bias, target, weight, stats = saved

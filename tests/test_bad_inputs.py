@@ -69,10 +69,10 @@ CASES = [
     ),
     ("input 0-d", lambda x, y: fused_softmax.cross_entropy(x[0, 0], y[0]), ValueError, ["input", "0-d"]),
     (
-        "input no classes",
+        "class index with no classes",
         lambda x, y: fused_softmax.cross_entropy(x[:, :0], y),
-        ValueError,
-        ["input", "at least one class"],
+        IndexError,
+        ["target", "0 classes"],
     ),
     (
         "op input 3-d",
@@ -256,6 +256,7 @@ TORCH_ERRORS = {
     "probabilities of another shape": (lambda ce, x, y: ce(x, torch.rand(4, 9)), False),
     "spatial target of another shape": (lambda ce, x, y: ce(x.reshape(4, 5, 2), y.reshape(4, 1)), False),
     "target dtype": (lambda ce, x, y: ce(x, y.to(torch.int16)), False),
+    "class index with no classes": (lambda ce, x, y: ce(x[:, :0], torch.tensor([0, -100, -100, -100])), False),
 }
 
 
@@ -272,3 +273,37 @@ def test_errors_are_of_torchs_types(name):
     with pytest.raises(Exception) as ours:
         call(fused_softmax.cross_entropy, x, y)
     assert type(ours.value) is type(theirs.value), (ours.value, theirs.value)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    "target",
+    ["probabilities", "ignored", "ignored with smoothing", "ignored with weight"],
+)
+def test_zero_classes_give_torchs_values(reduction, target):
+    """Logits with 0 classes: torch's values (0 or -0 per row, NaN means, NaN with smoothing), an empty
+    gradient; once refused with a ValueError."""
+    options = {"reduction": reduction}
+    if target == "probabilities":
+        t = torch.rand(5, 0)
+    else:
+        t = torch.full((5,), -100)
+        options["label_smoothing"] = 0.1 if "smoothing" in target else 0.0
+        options["weight"] = torch.ones(0) if "weight" in target else None
+    results = []
+    for ce in (torch.nn.functional.cross_entropy, fused_softmax.cross_entropy):
+        x = torch.rand(5, 0, requires_grad=True)
+        loss = ce(x, t, **options)
+        loss.sum().backward()
+        results.append((loss, x.grad))
+    (ours, ours_grad), (theirs, theirs_grad) = results[1], results[0]
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    assert torch.equal(ours.signbit(), theirs.signbit())
+    assert ours_grad.shape == theirs_grad.shape == (5, 0)
+
+
+def test_zero_classes_lse_and_z_loss():
+    t = torch.rand(3, 0)
+    out = fused_softmax.cross_entropy(torch.rand(3, 0), t, reduction="none", z_loss=1e-4, return_lse=True)
+    assert torch.equal(out.lse, torch.full((3,), -torch.inf)) and torch.equal(out.loss, torch.full((3,), torch.inf))

@@ -68,6 +68,21 @@ def test_options_match_cross_entropy_on_the_logits(device, reduction, chunk_size
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_return_lse_and_z_loss_as_cross_entropy_on_the_logits(device, reduction, unbatched):
+    x, w, b, t = problem(device)
+    x = x.detach().requires_grad_()
+    if unbatched:
+        x, t = x[0], t[0]
+    kwargs = dict(reduction=reduction, z_loss=1e-2, softcap=3.0, return_lse=True, return_z_loss=True)
+    ours = fused_softmax.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=5, **kwargs)
+    theirs = fused_on_logits(x, w, t, b, **kwargs)
+    for a, e in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, equal_nan=True)  # unbatched: an ignored row
+    ours.loss.sum().backward()  # the loss trains as without the extras
+
+
 def test_no_bias_unbatched_and_ignore_index(device):
     x, w, _, t = problem(device)
     t = torch.where(t == -100, 3, t)
