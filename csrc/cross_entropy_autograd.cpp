@@ -68,9 +68,6 @@ void save_options(
   ctx->saved_data["z_loss"] = z_loss;
 }
 
-// The gradients of the inputs that have none (weight and the options).
-const variable_list kNoGrads(9);
-
 // Whether t is being traced (torch.compile's fake tensors, or a Python dispatch mode is active): then
 // no value can be read and the graph must stay functional.
 bool traced(const at::Tensor& t) {
@@ -193,27 +190,36 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
 // The in-place variant: the forward leaves d loss / d input (for grad_loss = 1) in input's own
 // storage, and backward only scales it by grad_loss. input is marked dirty, so autograd's version
 // counter catches a use of the old logits elsewhere in the graph instead of reading the gradient.
+//
+// `rows` (N, C), which the kernel overwrites, may be a same-size view (logits.view(-1, V), the usual
+// language-model call): autograd lets a Function that marks a view dirty return nothing else, so
+// `whole`, the tensor they view (or rows themselves), is the one marked dirty and returned. It is
+// the first output, as it was its producer's (output 0 of the op that made the logits), so that
+// autograd moves a retain_grad() hook to the same output number.
 class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntropyInplaceFunction> {
  public:
   static variable_list forward(
-      AutogradContext* ctx, at::Tensor input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-      int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
-      double z_loss) {
+      AutogradContext* ctx, at::Tensor whole, at::Tensor rows, const at::Tensor& target,
+      const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing, int64_t reduction,
+      double logit_scale, double softcap, double z_loss) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    const int64_t num_rows = rows.size(0), num_classes = rows.size(1);
     auto [loss, stats] = call_fwd_inplace(
-        input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-    ctx->mark_dirty({input});
-    ctx->save_for_backward({input});  // now the gradient
+        rows, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    ctx->mark_dirty({whole});
+    ctx->save_for_backward({whole});  // now the gradient
     ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["num_rows"] = num_rows;
+    ctx->saved_data["num_classes"] = num_classes;
     ctx->saved_data["used"] = false;
     ctx->mark_non_differentiable({stats});
     ctx->set_materialize_grads(false);
-    return {loss, stats, input};
+    return {whole, loss, stats};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     TORCH_CHECK(
-        !grads[2].defined(),
+        !grads[0].defined(),
         "fused_softmax: input: with inplace_backward=True the logits were overwritten by their gradient; they "
         "cannot feed another differentiable computation after the loss");
     TORCH_CHECK(
@@ -225,10 +231,12 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
         "fused_softmax: inplace_backward=True: second derivatives (backward with create_graph=True) need the "
         "logits, which the forward overwrote with their gradient; use inplace_backward=False");
     ctx->saved_data["used"] = true;
-    variable_list out = kNoGrads;
-    const at::Tensor& grad_loss = grads[0];
+    variable_list out(11);  // one per forward argument; only whole has a gradient (rows are in it)
+    const at::Tensor& grad_loss = grads[1];
     if (!grad_loss.defined()) return out;
-    out[0] = scaled_in_place(ctx->get_saved_variables()[0], grad_loss, ctx->saved_data["reduction"].toInt());
+    const at::Tensor whole = ctx->get_saved_variables()[0];
+    const at::Tensor rows = whole.view({ctx->saved_data["num_rows"].toInt(), ctx->saved_data["num_classes"].toInt()});
+    out[0] = scaled_in_place(rows, grad_loss, ctx->saved_data["reduction"].toInt()).view(whole.sizes());
     return out;
   }
 };
@@ -254,9 +262,28 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_autograd(
       !target.requires_grad(),
       "fused_softmax: target: inplace_backward=True gives no gradient for probability targets; pass "
       "target.detach()");
+  if (!at::GradMode::is_enabled() || !input.requires_grad()) {  // no graph: a plain in-place op
+    auto out = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return call_fwd_inplace(
+          input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    }();
+    input.unsafeGetTensorImpl()->bump_version();  // as an in-place op does: saved copies of input see it
+    return out;
+  }
+  const at::Tensor whole = input.is_view() ? at::Tensor(input._base()) : input;
+  // All of a contiguous tensor, itself contiguous: then the two cover the same memory.
+  TORCH_CHECK(
+      whole.sym_numel() == input.sym_numel() && whole.is_contiguous() && input.is_contiguous(),
+      "fused_softmax: input: inplace_backward=True needs contiguous logits that are all of the tensor they view");
+  TORCH_CHECK(
+      !(whole.retains_grad() && whole.output_nr() != 0),
+      "fused_softmax: input: inplace_backward=True cannot keep retain_grad() on logits that are output ",
+      whole.output_nr(), " of the op that made them");
   auto out = CrossEntropyInplaceFunction::apply(
-      input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  return {out[0], out[1]};
+      whole, input, target, weight, ignore_index, label_smoothing, reduction, logit_scale,
+      softcap, z_loss);
+  return {out[1], out[2]};
 }
 
 }  // namespace

@@ -173,10 +173,21 @@ def _check_inplace(input: Tensor) -> None:
             "cross_entropy: input: inplace_backward=True needs contiguous (N, C) or (C,) logits, got shape "
             f"{tuple(input.shape)} with strides {input.stride()}"
         )
-    if input._base is not None and input._base.numel() != input.numel():
+    whole = input if input._base is None else input._base  # a view is overwritten through its base
+    if whole.numel() != input.numel() or not whole.is_contiguous():
         raise ValueError(
-            "cross_entropy: input: inplace_backward=True would overwrite a view of a larger tensor "
-            f"({tuple(input._base.shape)}); pass the whole tensor or a copy"
+            "cross_entropy: input: inplace_backward=True would overwrite a view of a larger or non-contiguous tensor "
+            f"({tuple(whole.shape)}); pass the whole tensor or a copy"
+        )
+    if whole.is_leaf:
+        raise ValueError(
+            "cross_entropy: input: inplace_backward=True would overwrite a view of a leaf that requires grad; use "
+            "it on logits computed from your parameters"
+        )
+    if whole.retains_grad and whole.output_nr != 0:  # autograd would look for the hook at another output
+        raise ValueError(
+            "cross_entropy: input: inplace_backward=True cannot keep retain_grad() on logits that are output "
+            f"{whole.output_nr} of the op that made them; retain the grad of a copy"
         )
 
 

@@ -293,6 +293,51 @@ def test_inplace_backward_misuse_is_refused(device):
         loss.backward()
 
 
+@pytest.mark.parametrize("layout", ["view", "(C,)", "retain_grad", "retain_grad on a view"])
+def test_inplace_backward_on_views_and_retained_logits(device, layout):
+    """The language-model call (logits.view(-1, V)), unbatched (C,) logits, and logits with retain_grad():
+    each once failed after the logits were overwritten (views; torch's internal assert for retain_grad)."""
+    shape = {"view": (2, 3, 11), "(C,)": (11,), "retain_grad": (6, 11), "retain_grad on a view": (2, 3, 11)}[layout]
+    x = torch.randn(shape, device=device)
+    y = torch.tensor(4, device=device) if layout == "(C,)" else torch.randint(0, 11, (6,), device=device)
+    results = []
+    for inplace in (False, True):
+        h = x.clone().requires_grad_()
+        logits = logits_from(h)
+        if "retain_grad" in layout:
+            logits.retain_grad()
+        rows = logits.view(-1, 11) if "view" in layout else logits
+        loss = fused_softmax.cross_entropy(rows, y, inplace_backward=inplace)
+        (loss * 3.0).backward()
+        results.append((loss.detach(), h.grad))
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_inplace_backward_refuses_a_view_of_a_leaf_before_writing(device):
+    h = torch.randn(2, 3, 11, device=device, requires_grad=True)
+    before = h.detach().clone()
+    with pytest.raises(ValueError, match="input: .*leaf"):
+        fused_softmax.cross_entropy(
+            h.view(-1, 11), torch.zeros(6, dtype=torch.long, device=device), inplace_backward=True
+        )
+    assert torch.equal(h.detach(), before)
+
+
+def test_inplace_backward_on_a_view_compiles(device):
+    x = torch.randn(2, 16, 300, device=device)
+    y = torch.randint(0, 300, (32,), device=device)
+
+    def loss_of(h, inplace):
+        return fused_softmax.cross_entropy((h * 2.0).view(-1, 300), y, inplace_backward=inplace)
+
+    torch._dynamo.reset()
+    h1, h2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss_of(h1, False).backward()
+    compiled = torch.compile(loss_of, fullgraph=True)(h2, True)
+    compiled.backward()
+    torch.testing.assert_close(h2.grad, h1.grad)
+
+
 def test_inplace_op_schema_and_fake_kernel():
     x = torch.randn(12, 40)
     y = torch.randint(0, 40, (12,))
