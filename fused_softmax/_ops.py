@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import reference
 
@@ -83,13 +84,25 @@ def cross_entropy(
     """The loss of 2-D input (per row for 'none', else 0-dim) and the stats (max, log_sum) per row, in the
     accumulation dtype; the loss is differentiable. inplace_backward: input's storage receives the gradient."""
     args = (input, target, weight, ignore_index, label_smoothing, reference.REDUCTIONS.index(reduction))
-    if _C is None:
+    if _C is None or transformed(input, target):
         if inplace_backward:
             return _reference_inplace(*args, logit_scale, softcap, z_loss)
         return reference.cross_entropy(*args, logit_scale, softcap, z_loss)
     if inplace_backward:
         return _FWD_INPLACE(*args, logit_scale, softcap, z_loss)
     return _FWD(*args, logit_scale, softcap, z_loss)
+
+
+def transformed(*tensors: Tensor) -> bool:
+    """Whether torch.func's transforms (grad, vjp, jacrev, vmap, jvp, ...) or forward-mode AD (dual tensors)
+    see these tensors. The compiled ops have no rules for them, so the same math in torch ops (reference)
+    serves them, unfused: per-sample gradients, Jacobians and forward derivatives as torch's. (Not while
+    torch.compile traces: dynamo cannot call the check, and traces torch.func itself.)"""
+    if torch.compiler.is_compiling():
+        return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def cross_entropy_grad(*args) -> Tensor:

@@ -47,27 +47,38 @@ def linear_cross_entropy(
 ) -> Tensor | CrossEntropyOutput:
     """As torch.nn.functional.linear_cross_entropy (input (N, H) or (H,), linear_weight (C, H),
     linear_bias (C,)), without ever holding the (N, C) logits: rows go chunk_size at a time.
-    z_loss, softcap, logit_scale, return_lse and return_z_loss as in fused_softmax.cross_entropy."""
+    z_loss, softcap, logit_scale, return_lse and return_z_loss as in fused_softmax.cross_entropy.
+    A K-dimensional linear_weight (C, d1, ..., dK, H), gradients with respect to probability targets,
+    and torch.func transforms take torch's reference path: the logits formed whole, then the fused loss."""
     ignore_index = -100 if ignore_index is None else _as_index(ignore_index)
-    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
+    if not isinstance(linear_weight, Tensor) or linear_weight.dim() < 2:
         raise ValueError(
-            "linear_cross_entropy: linear_weight: expected a (C, in_features) tensor, got "
+            "linear_cross_entropy: linear_weight: expected a (C, in_features) or (C, d1, ..., dK, in_features) "
+            "tensor, got "
             f"{tuple(linear_weight.shape) if isinstance(linear_weight, Tensor) else type(linear_weight).__name__}"
         )
-    if not isinstance(input, Tensor) or input.dim() not in (1, 2) or input.shape[-1] != linear_weight.shape[1]:
+    features = linear_weight.shape[-1]
+    if not isinstance(input, Tensor) or input.dim() not in (1, 2) or input.shape[-1] != features:
         raise ValueError(
-            f"linear_cross_entropy: input: expected (N, {linear_weight.shape[1]}) or ({linear_weight.shape[1]},), "
+            f"linear_cross_entropy: input: expected (N, {features}) or ({features},), "
             f"got {tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
         )
-    if linear_bias is not None and tuple(linear_bias.shape) != (linear_weight.shape[0],):
+    if linear_bias is not None and linear_bias.shape != linear_weight.shape[:-1]:
         raise ValueError(
-            f"linear_cross_entropy: linear_bias: expected shape ({linear_weight.shape[0]},), "
+            f"linear_cross_entropy: linear_bias: expected shape {tuple(linear_weight.shape[:-1])}, "
             f"got {tuple(linear_bias.shape)}"
         )
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"linear_cross_entropy: chunk_size: expected a positive int, got {chunk_size!r}")
-    if _ops.LOAD_ERROR is not None:  # no compiled ops: the plain reference path
-        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+    if (
+        _ops.LOAD_ERROR is not None
+        or linear_weight.dim() > 2
+        or (torch.is_grad_enabled() and isinstance(target, Tensor) and target.requires_grad)
+        or _ops.transformed(input, linear_weight)
+    ):  # the reference path: F.linear's logits, whole
+        bias = None if linear_bias is None else linear_bias.flatten()
+        logits = torch.nn.functional.linear(input, linear_weight.flatten(0, -2), bias)
+        logits = logits.unflatten(-1, linear_weight.shape[:-1])
         return cross_entropy(
             logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, return_lse=return_lse,
@@ -85,10 +96,10 @@ def linear_cross_entropy(
     rows_target = target.unsqueeze(0) if unbatched else target
     if rows_target.shape[:1] != rows.shape[:1]:
         raise ValueError(f"linear_cross_entropy: target: expected {rows.shape[0]} rows, got {rows_target.shape[0]}")
-    if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
+    if torch.is_grad_enabled() and weight is not None and weight.requires_grad:
         raise ValueError(
-            "linear_cross_entropy: target, weight: gradients with respect to probability targets or class "
-            "weights are not supported; pass them detached"
+            "linear_cross_entropy: weight: gradients with respect to class weights are not supported; pass "
+            "weight.detach()"
         )
     if rows_target.is_floating_point():  # once, not per chunk
         rows_target = _probabilities_as_read(rows_target, input.dtype)

@@ -32,8 +32,8 @@ def _target_mass(
         return q, torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
     valid = target != ignore_index
     y = torch.where(valid, target, 0).long()
-    q = (eps / num_classes * w).expand(target.shape[0], num_classes).clone()
-    q.scatter_add_(1, y[:, None], ((1 - eps) * w[y])[:, None])
+    spread = (eps / num_classes * w).expand(target.shape[0], num_classes)
+    q = spread.scatter_add(1, y[:, None], ((1 - eps) * w[y])[:, None])  # out of place: torch.func's vmap
     return q * valid[:, None], valid
 
 
