@@ -44,27 +44,43 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     return_lse: bool = False,
     return_z_loss: bool = False,
+    options: object | None = None,
 ) -> Tensor | CrossEntropyOutput:
     """As torch.nn.functional.linear_cross_entropy (input (N, H) or (H,), linear_weight (C, H),
     linear_bias (C,)), without ever holding the (N, C) logits: rows go chunk_size at a time.
     z_loss, softcap, logit_scale, return_lse and return_z_loss as in fused_softmax.cross_entropy.
     A K-dimensional linear_weight (C, d1, ..., dK, H), gradients with respect to probability targets,
-    and torch.func transforms take torch's reference path: the logits formed whole, then the fused loss."""
+    and torch.func transforms take torch's reference path: the logits formed whole, then the fused loss.
+    options: torch's LinearCrossEntropyOptions (torch >= 2.14); its batch_chunk_size is chunk_size, the
+    rest is torch's own chunking policy (this one always chunks and accumulates as described above)."""
     ignore_index = -100 if ignore_index is None else _as_index(ignore_index)
+    if options is not None:
+        if not hasattr(options, "batch_chunk_size"):
+            raise TypeError(
+                "linear_cross_entropy: options: expected torch.nn.LinearCrossEntropyOptions or None, got "
+                f"{type(options).__name__}"
+            )
+        chunk_size = chunk_size if options.batch_chunk_size is None else options.batch_chunk_size
+    # Shape errors are RuntimeErrors, as torch's.
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() < 2:
-        raise ValueError(
+        raise RuntimeError(
             "linear_cross_entropy: linear_weight: expected a (C, in_features) or (C, d1, ..., dK, in_features) "
             "tensor, got "
             f"{tuple(linear_weight.shape) if isinstance(linear_weight, Tensor) else type(linear_weight).__name__}"
         )
     features = linear_weight.shape[-1]
     if not isinstance(input, Tensor) or input.dim() not in (1, 2) or input.shape[-1] != features:
-        raise ValueError(
+        raise RuntimeError(
             f"linear_cross_entropy: input: expected (N, {features}) or ({features},), "
             f"got {tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
         )
+    if linear_weight.dim() > 2 and input.dim() != 2:
+        raise RuntimeError(
+            f"linear_cross_entropy: input: a K-dimensional linear_weight {tuple(linear_weight.shape)} needs "
+            f"(N, {features}) input, got {tuple(input.shape)}"
+        )
     if linear_bias is not None and linear_bias.shape != linear_weight.shape[:-1]:
-        raise ValueError(
+        raise RuntimeError(
             f"linear_cross_entropy: linear_bias: expected shape {tuple(linear_weight.shape[:-1])}, "
             f"got {tuple(linear_bias.shape)}"
         )
