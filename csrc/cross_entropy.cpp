@@ -105,6 +105,11 @@ void check_backward_args(
       stats.device());
 }
 
+LogitOptions with_mean_z_loss(LogitOptions options, double divisor, int64_t rows_kept) {
+  if (options.z_loss > 0 && rows_kept > 0) options.z_loss *= divisor / static_cast<double>(rows_kept);
+  return options;
+}
+
 LogitOptions check_options(const at::Tensor& input, double logit_scale, double softcap, double z_loss) {
   TORCH_CHECK(
       std::isfinite(logit_scale) && logit_scale > 0,

@@ -23,8 +23,9 @@
 // The ops also
 // reduce, as torch's nll_loss does (reduction: 0 none, 1 mean, 2 sum): 'mean'
 // divides the sum by D = sum of w[y_i] over the rows not ignored (class
-// indices) or by N (class probabilities); backward then spreads one grad_loss
-// value over the rows. Losses and sums are in the accumulation dtype.
+// indices) or by N (class probabilities), and the z-loss by the rows not ignored
+// (see with_mean_z_loss); backward then spreads one grad_loss value over the
+// rows. Losses and sums are in the accumulation dtype.
 //
 // The forward saves, per row, stats = (max, log_sum) in the accumulation dtype
 // rather than their sum lse: backward forms exp(x - lse) from x - max, exact
@@ -50,6 +51,12 @@ struct LogitOptions {
 // Checks the options for input's dtype (whose accumulation dtype must hold them); the message names the
 // bad one.
 LogitOptions check_options(const at::Tensor& input, double logit_scale, double softcap, double z_loss);
+
+// The z-loss is a per-row regulariser of the lse: 'mean' divides it by the rows not ignored, as
+// Liger-Kernel and flash-attn do, while the cross-entropy is divided by D = sum of w[y_i] over those
+// rows. Both go through the one divisor D when z_loss is scaled by D / rows_kept (1 without class
+// weights or with probabilities). Returns the options the kernels use for a 'mean' loss.
+LogitOptions with_mean_z_loss(LogitOptions options, double divisor, int64_t rows_kept);
 
 // Extra checks of the backward op's own inputs.
 void check_backward_args(

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _ops
 from .functional import check_options, loss_dtype
-from .reference import REDUCTIONS, accumulate_dtype, mean_divisor, transform
+from .reference import REDUCTIONS, accumulate_dtype, mean_divisor, mean_z_loss, transform
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -79,7 +79,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         loss = (1 - eps) * w_y * (log_sum + (global_max - packed[:, 1]))
         if eps > 0:
             loss = loss + eps / classes * (w_total * lse - packed[:, 2])
-        if z_loss > 0:
+        if z_loss != 0:  # negative for 'mean' under a negative weight sum (mean_z_loss)
             loss = loss + z_loss * lse * lse
         loss = torch.where(counted, loss, 0.0)
         ctx.save_for_backward(local, target, weight, torch.stack([global_max, log_sum], 1))
@@ -139,6 +139,8 @@ def vocab_parallel_cross_entropy(
         )
     check_options("vocab_parallel_cross_entropy", z_loss, softcap, logit_scale)
     target = target.long()
+    if reduction == "mean":  # the z-loss over the rows kept, the cross-entropy over D (mean_z_loss)
+        z_loss = mean_z_loss(z_loss, target, weight, ignore_index, accumulate_dtype(local_logits.dtype))
     options = (float(logit_scale), float(softcap or 0.0), float(z_loss))
     loss = _VocabParallelCrossEntropy.apply(
         local_logits, target, weight, group, ignore_index, float(label_smoothing), options

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from .reference import REDUCTIONS, mean_divisor
+from .reference import REDUCTIONS
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -54,7 +54,8 @@ def cross_entropy(
     are read as float32, not rounded to 16 bits.
 
     Beyond torch (keyword-only, all off by default):
-      z_loss: adds z_loss * lse^2 per row (PaLM's auxiliary loss; ignored rows add nothing).
+      z_loss: adds z_loss * lse^2 per row (PaLM's auxiliary loss; ignored rows add nothing); 'mean'
+        divides it by the rows not ignored, the cross-entropy by torch's divisor (class weights).
       softcap: the softmax sees softcap * tanh(logits / softcap) (Gemma 2); -inf logits stay -inf.
       logit_scale: the softmax sees logit_scale * logits (applied before softcap).
       return_lse / return_z_loss: return CrossEntropyOutput(loss, lse, z_loss) instead of the loss.
@@ -109,8 +110,8 @@ def with_lse_and_z_loss(
         z_part = torch.where(counted, z_loss * lse * lse, 0.0)
         if reduction != "none":
             z_part = z_part.sum()
-            if reduction == "mean":
-                z_part = z_part / mean_divisor(target_rows, weight, ignore_index, z_part.dtype)
+            if reduction == "mean":  # over the rows not ignored (with_mean_z_loss in csrc/cross_entropy.h)
+                z_part = z_part / (counted.sum() if isinstance(counted, Tensor) else target_rows.shape[0])
         z_part = _as_dtype(z_part.reshape(rows_shape) if reduction == "none" else z_part, loss.dtype)
     return CrossEntropyOutput(loss, lse.reshape(rows_shape) if return_lse else None, z_part)
 

@@ -22,7 +22,7 @@ from .functional import (
     loss_dtype,
     with_lse_and_z_loss,
 )
-from .reference import REDUCTIONS, accumulate_dtype, mean_divisor
+from .reference import REDUCTIONS, accumulate_dtype, mean_divisor, mean_z_loss
 
 # A chunk of rows' logits takes about this many bytes unless chunk_size says otherwise.
 _CHUNK_BYTES = 64 << 20
@@ -133,6 +133,9 @@ def linear_cross_entropy(
             softcap=softcap,
             logit_scale=logit_scale,
         )
+    kernel_z_loss = z_loss  # 'mean': the z-loss over the rows kept, the cross-entropy over D (mean_z_loss)
+    if reduction == "mean":
+        kernel_z_loss = mean_z_loss(z_loss, rows_target, weight, ignore_index, accumulate_dtype(input.dtype))
     chunk = chunk_size or _power_of_two_at_most(_CHUNK_BYTES // (max(1, linear_weight.shape[0]) * input.element_size()))
     out_dtype = loss_dtype(input, target)  # float32 under autocast, as its F.cross_entropy returns
     with torch.autocast(device_type, enabled=False):  # the chunks' matmuls in the dtype cast above
@@ -146,7 +149,7 @@ def linear_cross_entropy(
             label_smoothing,
             REDUCTIONS.index(reduction),
             chunk,
-            (float(logit_scale), float(softcap or 0.0), float(z_loss)),
+            (float(logit_scale), float(softcap or 0.0), float(kernel_z_loss)),
         )
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)

@@ -60,6 +60,8 @@ def cross_entropy(
     z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The forward op's contract: the loss (per row, or reduced) and stats (max, log_sum); differentiable."""
+    if reduction == 1:
+        z_loss = mean_z_loss(z_loss, target, weight, ignore_index, accumulate_dtype(input.dtype))
     rows, stats = cross_entropy_rows(input, target, weight, ignore_index, label_smoothing, logit_scale, softcap, z_loss)
     if reduction == 0:
         return rows, stats
@@ -75,6 +77,15 @@ def mean_divisor(target: Tensor, weight: Tensor | None, ignore_index: int, dtype
     if weight is None:
         return counted.sum().to(dtype)
     return (weight.to(dtype)[torch.where(counted, target, 0)] * counted).sum()
+
+
+def mean_z_loss(z_loss: float, target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype):
+    """The z-loss coefficient of a 'mean' loss: z_loss * D / rows kept, so that dividing by D (mean_divisor)
+    divides the z-loss by the rows not ignored, as the peers do (csrc/cross_entropy.h: with_mean_z_loss)."""
+    if z_loss == 0 or weight is None or target.is_floating_point():
+        return z_loss
+    kept = (target != ignore_index).sum()
+    return torch.where(kept > 0, z_loss * mean_divisor(target, weight, ignore_index, dtype) / kept, z_loss)
 
 
 def cross_entropy_rows(
@@ -99,7 +110,7 @@ def cross_entropy_rows(
         # as in torch; with smoothing or probabilities torch multiplies every class, and so do we.
         terms = torch.where(q != 0, terms, 0)
     rows = terms.sum(1)
-    if z_loss > 0:
+    if isinstance(z_loss, Tensor) or z_loss != 0:
         lse = stats.sum(1)  # max + log_sum, differentiable here (detached only on return)
         rows = rows + z_loss * lse * lse
     return torch.where(valid, rows, 0), stats.detach()
@@ -142,6 +153,7 @@ def cross_entropy_rows_grad(
         divisor = 1
         if reduction == 1:  # every row ignored: zero gradients, not 0 / 0 (nor NaN second derivatives)
             divisor = torch.where(valid.any(), mean_divisor(target, weight, ignore_index, acc), torch.inf)
+            z_loss = mean_z_loss(z_loss, target, weight, ignore_index, acc)
         grad_loss = (grad_loss.to(acc) / divisor).expand(x.shape[0])
     stats = stats.to(acc)
     p = torch.exp(minus_lse(x, stats))

@@ -17,24 +17,22 @@ def composed(input, target, z_loss=0.0, softcap=None, logit_scale=1.0, reduction
     if softcap is not None:
         x = torch.where(x == float("-inf"), x, torch.tanh(x / softcap) * softcap)
     loss = F.cross_entropy(x, target, reduction="none", **kwargs)
-    if z_loss:
-        counted = torch.ones_like(loss, dtype=torch.bool)
-        if not target.is_floating_point():
-            counted = target != kwargs.get("ignore_index", -100)
-        loss = loss + torch.where(
-            counted, z_loss * torch.logsumexp(x.float() if x.dtype != torch.float64 else x, 1) ** 2, 0
-        ).to(loss.dtype)
+    counted = torch.ones_like(loss, dtype=torch.bool)
+    if not target.is_floating_point():
+        counted = target != kwargs.get("ignore_index", -100)
+    lse = torch.logsumexp(x.float() if x.dtype != torch.float64 else x, 1)
+    z_part = torch.where(counted, z_loss * lse**2, 0).to(loss.dtype)
     if reduction == "none":
-        return loss
-    total = loss.sum()
+        return loss + z_part
     if reduction == "sum":
-        return total
-    if target.is_floating_point():
-        return total / target.shape[0]
+        return (loss + z_part).sum()
+    # 'mean': the cross-entropy over torch's divisor, the z-loss over the rows not ignored (as Liger-Kernel's)
     w = kwargs.get("weight")
-    counted = target != kwargs.get("ignore_index", -100)
-    divisor = counted.sum() if w is None else (w[target.clamp(min=0)] * counted).sum()
-    return total / divisor
+    if target.is_floating_point():
+        divisor = target.shape[0]
+    else:
+        divisor = counted.sum() if w is None else (w[target.clamp(min=0)] * counted).sum()
+    return loss.sum() / divisor + z_part.sum() / counted.sum()
 
 
 OPTIONS = [
@@ -56,6 +54,28 @@ def test_options_match_composed_torch(device, options, C, dtype, reduction):
     y = torch.randint(0, C, (67,), device=device)
     y[::9] = -100
     assert_matches_torch(x, y, oracle=composed, reduction=reduction, **options)
+
+
+def test_mean_z_loss_over_the_rows_kept_with_class_weights(device):
+    """'mean' divides the z-loss by the rows not ignored, as Liger-Kernel and flash-attn do, and the
+    cross-entropy by the summed weights, as torch does (it was divided by the summed weights too)."""
+    x = torch.randn(40, 300, dtype=torch.float64, device=device) * 3
+    w = torch.rand(300, dtype=torch.float64, device=device) * 3
+    y = torch.randint(0, 300, (40,), device=device)
+    y[::7] = -100
+    out = fused_softmax.cross_entropy(x, y, weight=w, z_loss=0.1, return_z_loss=True)
+    kept = y != -100
+    lse = torch.logsumexp(x[kept], 1)
+    torch.testing.assert_close(out.z_loss, 0.1 * (lse**2).mean())
+    torch.testing.assert_close(out.loss, F.cross_entropy(x, y, weight=w) + out.z_loss)
+    h, hw = (
+        torch.randn(40, 16, dtype=torch.float64, device=device),
+        torch.randn(300, 16, dtype=torch.float64, device=device),
+    )
+    linear = fused_softmax.linear_cross_entropy(h, hw, y, weight=w, z_loss=0.1, chunk_size=16)
+    torch.testing.assert_close(linear, fused_softmax.cross_entropy(F.linear(h, hw), y, weight=w, z_loss=0.1))
+    assert_matches_torch(x, y, oracle=composed, weight=w, z_loss=0.1)
+    assert_matches_torch(x.float(), y, oracle=composed, weight=w.float(), z_loss=0.1)
 
 
 @pytest.mark.parametrize("options", OPTIONS[1:4], ids=str)

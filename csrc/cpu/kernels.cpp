@@ -503,7 +503,7 @@ struct Problem {
     acc_t l = 0;
     if (spread_on) l = static_cast<acc_t>(mass) * log_sum - static_cast<acc_t>(mass_dot);
     if (y) l += target_coef(y[i]) * (log_sum - (transform(static_cast<acc_t>(xi[y[i]])) - m));
-    if (z_loss > 0) l += z_loss * stats[i].lse() * stats[i].lse();
+    if (z_loss != 0) l += z_loss * stats[i].lse() * stats[i].lse();  // negative under a negative weight sum
     loss[i] = l;
   }
 
@@ -682,7 +682,7 @@ struct Problem {
     const Vec log_sum = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), sum_exp.log(), finite);
     // sum_c q_c * (lse - x_c), with lse - x_c = log_sum - (x_c - m) so no large terms cancel.
     Vec l = Vec::loadu(b.coef) * (log_sum - (x_y - m)) + (mass * log_sum - mass_dot);
-    if (z_loss > 0) l = l + Vec(z_loss) * (m + log_sum) * (m + log_sum);
+    if (z_loss != 0) l = l + Vec(z_loss) * (m + log_sum) * (m + log_sum);
     where_equal(cls, Vec(-1), Vec(0), l).store(loss + i0, rows);  // an ignored row's loss is 0
     // RowStats are (max, log_sum) pairs: interleaved, the block's stats are two vector stores.
     const auto [first, second] = at::vec::interleave2(m, log_sum);
@@ -921,18 +921,20 @@ double mean_divisor_cpu(const PreparedArgs& p, int64_t ignore_index, int64_t ign
   return ordered_sum(N, [&](int64_t i) { return y[i] == ignore_index ? 0.0 : static_cast<double>(w[y[i]]); });
 }
 
-// The arguments the CPU kernels read, and what the 'mean' reduction divides by (1 for the others).
+// The arguments the CPU kernels read, what the 'mean' reduction divides by (1 for the others), and the
+// options with the z-loss scaled for 'mean' (with_mean_z_loss).
 struct CpuArgs {
   PreparedArgs p;
   double divisor;
+  LogitOptions options;
 };
 
 // The shared preparation plus the CPU's own check of the class indices (the CUDA kernels assert on the
 // device instead: no host sync), and the divisor of 'mean'.
 CpuArgs prepare_args_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t class_start = 0,
-    int64_t num_classes = 0) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, LogitOptions options,
+    int64_t class_start = 0, int64_t num_classes = 0) {
   PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
   const int64_t ignored_rows = p.probabilities ? 0 : check_target_range_cpu(p.target, p.num_classes, ignore_index);
   double divisor = 1.0;
@@ -940,8 +942,9 @@ CpuArgs prepare_args_cpu(
     AT_DISPATCH_FLOATING_TYPES(accumulate_type(p.input.scalar_type()), "prepare_args_cpu", [&] {
       divisor = mean_divisor_cpu<scalar_t>(p, ignore_index, ignored_rows);
     });
+    options = with_mean_z_loss(options, divisor, p.input.size(0) - ignored_rows);
   }
-  return {std::move(p), divisor};
+  return {std::move(p), divisor, options};
 }
 
 
@@ -949,7 +952,7 @@ CpuArgs prepare_args_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
     int64_t ignore_index, double label_smoothing, int64_t reduction, const LogitOptions& options, GradTo grad_to) {
-  const CpuArgs args = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction);
+  const CpuArgs args = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction, options);
   const PreparedArgs& p = args.p;
   const double divisor = args.divisor;
   TORCH_CHECK(
@@ -968,7 +971,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Problem<scalar_t> P = make_problem<scalar_t>(p, ignore_index, label_smoothing, options);
+    Problem<scalar_t> P = make_problem<scalar_t>(p, ignore_index, label_smoothing, args.options);
     P.stream_grad = grad_to == GradTo::kNew && static_cast<int64_t>(grad.nbytes()) >= kMinStreamedBytes;
     acc_t* loss_out = loss.data_ptr<acc_t>();
     auto* stats_out = reinterpret_cast<RowStats<acc_t>*>(stats.data_ptr<acc_t>());
@@ -992,8 +995,8 @@ at::Tensor backward(
     const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, int64_t ignore_index,
     double label_smoothing, int64_t reduction, const LogitOptions& options, int64_t class_start,
     int64_t num_classes) {
-  const CpuArgs args =
-      prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction, class_start, num_classes);
+  const CpuArgs args = prepare_args_cpu(
+      input_, target_, weight_, ignore_index, label_smoothing, reduction, options, class_start, num_classes);
   const PreparedArgs& p = args.p;
   const double divisor = args.divisor;
   check_backward_args(grad_loss_, p.input, stats_, reduction);
@@ -1007,7 +1010,7 @@ at::Tensor backward(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Problem<scalar_t> P = make_problem<scalar_t>(p, ignore_index, label_smoothing, options);
+    Problem<scalar_t> P = make_problem<scalar_t>(p, ignore_index, label_smoothing, args.options);
     P.stream_grad = static_cast<int64_t>(grad.nbytes()) >= kMinStreamedBytes;
     // Row i's grad_loss is g[i * g_stride]; a reduced loss spreads one value over every row.
     const acc_t* g = grad_loss.const_data_ptr<acc_t>();

@@ -333,6 +333,16 @@ inline at::Tensor mean_divisor(const PreparedArgs& p, int64_t ignore_index, at::
   return (p.weight.index_select(0, p.target.masked_fill(~counted, 0)) * counted).sum();
 }
 
+// The options the kernels use (with_mean_z_loss). D is a device tensor here: one host sync, only for a
+// z-loss with class weights under 'mean' (otherwise D is the number of rows kept, and the scale 1).
+inline LogitOptions kernel_options(
+    const LogitOptions& options, const PreparedArgs& p, int64_t ignore_index, int64_t reduction) {
+  if (reduction != kMean || options.z_loss == 0 || !p.weight.defined() || p.probabilities) return options;
+  const at::Tensor kept = (p.target != ignore_index).sum().to(at::kDouble);
+  const at::Tensor both = at::stack({mean_divisor(p, ignore_index, at::kDouble), kept}).cpu();
+  return with_mean_z_loss(options, both[0].item<double>(), both[1].item<int64_t>());
+}
+
 // Launches the backward kernel: dx = d(grad_loss . loss) / d input (dx may be input itself).
 template <typename Launcher>
 void launch_bwd(
@@ -404,8 +414,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
-  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
+  const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
+  const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
   return forward(Launcher(input), p, ignore_index, label_smoothing, reduction, options);
 }
 
@@ -414,8 +425,9 @@ template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_on(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
+  const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
+  const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
   TORCH_CHECK(
       p.input.is_same(input) && input.is_contiguous(),
       "fused_softmax: input: the in-place gradient needs contiguous (rows, classes) logits, got strides ",
@@ -428,8 +440,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
     double z_loss) {
-  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
+  const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
+  const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
   const Launcher launch(input);
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
   auto [loss, stats] = forward_and_unit_grad(launch, p, ignore_index, label_smoothing, reduction, options, grad);
@@ -441,9 +454,10 @@ at::Tensor cross_entropy_bwd_on(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
     int64_t reduction, double logit_scale, double softcap, double z_loss, int64_t class_start, int64_t num_classes) {
-  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
+  const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p =  // checks devices first
       prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
+  const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
   check_backward_args(grad_loss, p.input, stats, reduction);
   const Launcher launch(input);
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
