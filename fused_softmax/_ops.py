@@ -93,16 +93,18 @@ def cross_entropy(
     return _FWD(*args, logit_scale, softcap, z_loss)
 
 
-def transformed(*tensors: Tensor) -> bool:
+def transformed(first: Tensor, second: Tensor) -> bool:
     """Whether torch.func's transforms (grad, vjp, jacrev, vmap, jvp, ...) or forward-mode AD (dual tensors)
     see these tensors. The compiled ops have no rules for them, so the same math in torch ops (reference)
     serves them, unfused: per-sample gradients, Jacobians and forward derivatives as torch's. (Not while
     torch.compile traces: dynamo cannot call the check, and traces torch.func itself.)"""
     if torch.compiler.is_compiling():
         return False
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    if torch._C._are_functorch_transforms_active():
         return True
-    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if forward_ad._current_level < 0:  # no dual_level() active
+        return False
+    return forward_ad.unpack_dual(first).tangent is not None or forward_ad.unpack_dual(second).tangent is not None
 
 
 def cross_entropy_grad(*args) -> Tensor:
