@@ -26,6 +26,7 @@ except ImportError as error:  # no compiler at install time, built against anoth
     LOAD_ERROR: str | None = f"{type(error).__name__}: {error}"
     here = Path(__file__).resolve().parent
     if not any(here.glob("_C.*")):  # the package was imported from a tree where nothing was built
+        LOAD_ERROR = f"no compiled extension (_C) in {here}"  # not Python's "circular import" guess
         fix = (
             f"this fused_softmax is the source tree at {here}, which has no built extension (with `python -m`, "
             "the current directory comes first on sys.path and hides the installed package): run from another "
@@ -56,7 +57,11 @@ def backend() -> dict[str, str]:
         return {"cpu": fallback, "cuda": fallback}
     return {
         "cpu": f"compiled C++ kernel ({_C.cpu_capability()})",
-        "cuda": "compiled CUDA kernel" if _C.cuda_built() else "pure PyTorch fallback (built without CUDA)",
+        "cuda": "pure PyTorch fallback (built without CUDA)"
+        if not _C.cuda_built()
+        else "compiled CUDA kernel"
+        if torch.cuda.is_available()
+        else "compiled CUDA kernel (no CUDA device visible)",
     }
 
 

@@ -68,7 +68,14 @@ def _file_in(directory: Path, stem: str) -> Path | None:
 
 
 def find(data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """The four files, from the first place that has all of them."""
+    """The four files, from the first place that has all of them; from data_dir alone when it is given."""
+    if data_dir:  # an explicit folder is used or refused, never silently replaced by another
+        found = {key: _file_in(Path(data_dir), stem) for key, stem in FILES.items()}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+        missing = ", ".join(stem for key, stem in FILES.items() if not found[key])
+        what = "does not exist" if not Path(data_dir).is_dir() else f"lacks {missing} (.gz or raw)"
+        raise DataError(f"--data-dir {data_dir} {what}")
     for directory in search_dirs(data_dir):
         found = {key: _file_in(directory, stem) for key, stem in FILES.items()}
         if all(found.values()):
@@ -104,6 +111,8 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "longer than its header says"
         raise DataError(f"{path}: {what}: header declares shape {shape} ({expected} bytes), file has {len(raw)}")
+    if expected == header:  # no items (frombuffer refuses an empty buffer)
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
@@ -120,6 +129,12 @@ def load(data_dir: str | os.PathLike | None = None) -> FashionMNIST:
             )
         if labels.numel() and int(labels.max()) >= len(CLASS_NAMES):
             raise DataError(f"{files[f'{split}_labels']}: label {int(labels.max())} is not a Fashion-MNIST class")
+        if images.shape[0] == 0:
+            raise DataError(f"{files[f'{split}_images']}: holds 0 images")
+        if tuple(images.shape[1:]) != (28, 28):
+            raise DataError(
+                f"{files[f'{split}_images']}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28"
+            )
     return FashionMNIST(
         *(
             arrays[key].reshape(arrays[key].shape[0], -1).float().div_(255)

@@ -45,21 +45,42 @@ LOSSES = {
 RESUME_KEYS = ("batch_size", "lr", "seed", "loss")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or "default" in help
+        ):
+            return help
+        return f"{help} (default: %(default)s)"
+
+
+def _program_name() -> str:
+    """The installed command's name, or `python -m fused_softmax.train` when run as a module."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m fused_softmax.train" if not name or name.endswith(".py") else name
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m fused_softmax.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog=_program_name(), description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument(
+        "command", nargs="?", default="train", choices=("train", "evaluate", "predict"), help="what to do"
     )
-    parser.add_argument("command", nargs="?", default="train", choices=("train", "evaluate", "predict"))
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs to train (with --resume: in all)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per SGD step")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and shuffling")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--data-dir", default=None, help=f"folder with the IDX files (else ${data.ENV_VAR}, ...)")
     parser.add_argument("--download", action="store_true", help="fetch Fashion-MNIST into the cache first")
     parser.add_argument("--output-dir", default="runs/fashion_mnist", help="metrics, curves.png, checkpoint.pt")
-    parser.add_argument("--loss", choices=tuple(LOSSES), default="fused")
+    parser.add_argument("--loss", choices=tuple(LOSSES), default="fused", help="the loss that trains the model")
     parser.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--checkpoint", default=None, help="evaluate/predict: default <output-dir>/checkpoint.pt")
@@ -87,6 +108,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     for stale in path.parent.glob(f"{path.name}*.tmp"):  # left by a writer that was killed (one writer: rank 0)
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    _usual_mode(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -103,15 +125,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: Path) -> dict:
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "shuffle_rng", "config", "metrics")
+
+
+def load_checkpoint(path: Path, missing_hint: str = "train first, or pass --checkpoint") -> dict:
     if not path.is_file():
-        raise SystemExit(f"error: checkpoint {path} not found (train first, or pass --checkpoint)")
+        raise SystemExit(f"error: checkpoint {path} not found ({missing_hint})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SystemExit(f"error: checkpoint {path} is corrupt or truncated: {error}") from error
-    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "config", "metrics"} <= state.keys():
-        raise SystemExit(f"error: {path} is not a fused_softmax training checkpoint")
+    except Exception as error:  # torch's own message advises on weights_only, which is beside the point here
+        raise SystemExit(f"error: checkpoint {path} is corrupt or truncated ({type(error).__name__})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    missing += [f"config.{k}" for k in RESUME_KEYS if not missing and k not in state["config"]]
+    if missing:
+        raise SystemExit(f"error: {path} is not a fused_softmax training checkpoint (no {', '.join(missing)})")
     return state
 
 
@@ -178,7 +205,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         metrics: list[dict] = []
         start_epoch = 0
         if args.resume:
-            state = load_checkpoint(ckpt_path)
+            state = load_checkpoint(ckpt_path, missing_hint="nothing to resume: train without --resume first")
             mismatched = {k: (state["config"][k], config[k]) for k in RESUME_KEYS if state["config"][k] != config[k]}
             if mismatched:
                 details = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
@@ -187,6 +214,15 @@ def train(args: argparse.Namespace) -> list[dict]:
             optimizer.load_state_dict(state["optimizer"])
             shuffle.set_state(state["shuffle_rng"])
             metrics, start_epoch = state["metrics"], state["epoch"]
+            if ddp.main:
+                if start_epoch >= args.epochs:
+                    print(
+                        f"nothing to do: {ckpt_path} has finished epoch {start_epoch} of --epochs {args.epochs}; "
+                        "pass a larger --epochs to train on",
+                        flush=True,
+                    )
+                else:
+                    print(f"resuming from {ckpt_path} after epoch {start_epoch}, to epoch {args.epochs}", flush=True)
         loss_fn = LOSSES[args.loss]
         if loss_fn is None and ddp.world > 1:
             raise SystemExit("error: --loss fused-linear runs in one process (DDP needs the model's own forward)")
@@ -259,9 +295,18 @@ def train(args: argparse.Namespace) -> list[dict]:
 def write_metrics(out: Path, metrics: list[dict]) -> None:
     for name, write in (("metrics.json", _write_json), ("metrics.csv", _write_csv)):
         fd, tmp = tempfile.mkstemp(dir=out, prefix=name, suffix=".tmp")
+        _usual_mode(fd)
         with os.fdopen(fd, "w", newline="") as f:
             write(f, metrics)
         os.replace(tmp, out / name)
+
+
+def _usual_mode(fd: int) -> None:
+    """A new file's mode as open() gives it (0666 less the umask): mkstemp's temporary files are 0600,
+    and the outputs should read like the PNGs beside them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
 
 
 def _write_json(f, metrics: list[dict]) -> None:
@@ -362,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
         {"train": train, "evaluate": evaluate, "predict": predict}[args.command](args)
     except data.DataError as error:
         raise SystemExit(f"error: {error}") from None
+    except OSError as error:  # a full disk, a read-only or missing output folder: the file and the reason
+        where = f"{error.filename}: " if error.filename else ""
+        raise SystemExit(f"error: {where}{error.strerror or error}") from None
 
 
 if __name__ == "__main__":

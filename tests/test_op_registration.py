@@ -202,3 +202,10 @@ def test_a_source_tree_without_the_extension_says_so(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "fallback" in result.stdout
     assert "source tree" in result.stderr and "fused-softmax-train" in result.stderr, result.stderr
+    assert "circular import" not in result.stderr + result.stdout  # Python's guess, which points the wrong way
+
+
+def test_backend_says_when_no_cuda_device_is_visible(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cuda = fused_softmax.backend()["cuda"]
+    assert cuda.startswith("pure PyTorch fallback") or cuda == "compiled CUDA kernel (no CUDA device visible)"

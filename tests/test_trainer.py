@@ -51,6 +51,11 @@ def run(*args: str) -> list[dict]:
     return train.train(train.parse_args(["--quiet", "--device", "cpu", *args]))
 
 
+def main(*args: str) -> None:
+    """The command line, as a user runs it (errors become SystemExit)."""
+    train.main(["--quiet", "--device", "cpu", *args])
+
+
 def without_seconds(metrics: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
 
@@ -99,15 +104,34 @@ def test_missing_data_names_the_places_searched(tmp_path, monkeypatch):
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "env"))
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "debian")
     with pytest.raises(data.DataError) as info:
-        data.find(tmp_path / "given")
+        data.find()
     message = str(info.value)
-    for place in ("given", "env", "cache", "debian"):
+    for place in ("env", "cache", "debian"):
         assert str(tmp_path / place) in message
     assert "apt-get install dataset-fashion-mnist" in message and "--download" in message
     with pytest.raises(SystemExit, match="Fashion-MNIST not found"):
-        train.main(
-            ["--quiet", "--device", "cpu", "--data-dir", str(tmp_path / "given"), "--output-dir", str(tmp_path / "out")]
-        )
+        train.main(["--quiet", "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+
+
+def test_an_explicit_data_dir_is_used_or_refused(tmp_path, tiny, monkeypatch):
+    """--data-dir /nonexistent used to train silently on the data found elsewhere."""
+    monkeypatch.setenv(data.ENV_VAR, str(tiny))  # data that a fallback would find
+    with pytest.raises(SystemExit, match=f"--data-dir {tmp_path / 'nowhere'} does not exist"):
+        main("--data-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out"))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train-images-idx3-ubyte.gz").write_bytes((tiny / "train-images-idx3-ubyte.gz").read_bytes())
+    with pytest.raises(SystemExit, match="lacks train-labels-idx1-ubyte, t10k-images"):
+        main("--data-dir", str(tmp_path / "half"), "--output-dir", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape,words", [((0, 28, 28), "holds 0 images"), ((5, 27, 28), "27x28, expected 28x28")])
+def test_images_of_no_rows_or_another_size_are_refused(tmp_path, shape, words):
+    directory = make_dataset(tmp_path / "d", n_train=5)
+    write_idx(directory / "train-images-idx3-ubyte", torch.zeros(shape))
+    write_idx(directory / "train-labels-idx1-ubyte", torch.zeros(shape[0]))
+    with pytest.raises(SystemExit, match=words):
+        main("--data-dir", str(directory), "--output-dir", str(tmp_path / "out"))
 
 
 def test_train_writes_outputs_and_fused_matches_torch(tmp_path, tiny):
@@ -168,6 +192,72 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(tmp_path, tin
     with pytest.raises(SystemExit, match="lr: checkpoint 0.1, now 0.5"):
         run("--data-dir", str(tiny), "--output-dir", str(out), "--epochs", "2", "--resume", "--lr", "0.5")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_says_where_it_continues_and_when_there_is_nothing_to_do(tmp_path, tiny, capsys):
+    common = ("--data-dir", str(tiny), "--output-dir", str(tmp_path / "o"))
+    run(*common, "--epochs", "1")
+    capsys.readouterr()
+    run(*common, "--epochs", "2", "--resume")
+    assert "resuming from" in capsys.readouterr().out and "after epoch 1, to epoch 2"
+    metrics = run(*common, "--epochs", "2", "--resume")
+    assert "nothing to do" in capsys.readouterr().out and len(metrics) == 2
+    with pytest.raises(SystemExit, match="nothing to resume: train without --resume first"):
+        run("--data-dir", str(tiny), "--output-dir", str(tmp_path / "new"), "--resume")
+
+
+def test_help_shows_defaults_and_the_command_name(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/fused-softmax-train"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fused-softmax-train") and "(default: 256)" in out
+    monkeypatch.setattr(sys, "argv", [train.__file__])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m fused_softmax.train")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing shuffle_rng", "not a dict"])
+def test_damaged_checkpoints_are_one_line_errors(tmp_path, tiny, damage):
+    out = tmp_path / "o"
+    run("--data-dir", str(tiny), "--output-dir", str(out), "--epochs", "1")
+    ckpt = out / "checkpoint.pt"
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:100])
+    else:
+        state = torch.load(ckpt, weights_only=True)
+        torch.save(
+            {k: v for k, v in state.items() if k != "shuffle_rng"} if damage.startswith("missing") else [1], ckpt
+        )
+    with pytest.raises(SystemExit) as info:
+        run("--data-dir", str(tiny), "--output-dir", str(out), "--epochs", "2", "--resume")
+    message = str(info.value)
+    assert "\n" not in message and "weights_only" not in message, message
+    assert ("corrupt or truncated" if damage == "truncated" else "not a fused_softmax training checkpoint") in message
+    if damage.startswith("missing"):
+        assert "shuffle_rng" in message
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path, tiny):
+    out = tmp_path / "o"
+    run("--data-dir", str(tiny), "--output-dir", str(out), "--epochs", "1")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # metrics and checkpoint as the PNG (mkstemp's are 0600)
+
+
+def test_an_unwritable_output_dir_is_a_one_line_error(tmp_path, tiny, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=f"error: {blocker / 'out'}"):
+        main("--data-dir", str(tiny), "--output-dir", str(blocker / "out"), "--epochs", "1")
+
+    def full_disk(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        main("--data-dir", str(tiny), "--output-dir", str(tmp_path / "o"), "--epochs", "1")
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
