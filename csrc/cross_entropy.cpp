@@ -20,24 +20,19 @@ namespace {
 // class probabilities rather than class indices.
 // classes: the row's class count, input.size(1) unless input is a block of the classes.
 bool check_cross_entropy_args(
-    const at::Tensor& input,
-    const at::Tensor& target,
-    const std::optional<at::Tensor>& weight,
-    double label_smoothing,
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double label_smoothing,
     int64_t classes) {
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      "fused_softmax: input: unsupported dtype ", dtype,
-      "; expected float16, bfloat16, float32 or float64");
+      "fused_softmax: input: unsupported dtype ", dtype, "; expected float16, bfloat16, float32 or float64");
   TORCH_CHECK(
-      input.dim() == 2,
-      "fused_softmax: input: expected a 2-D (rows, classes) tensor, got shape ", shape_of(input));
+      input.dim() == 2, "fused_softmax: input: expected a 2-D (rows, classes) tensor, got shape ", shape_of(input));
   const int64_t rows = input.size(0);
   TORCH_CHECK(input.size(1) >= 1, "fused_softmax: input: expected at least one class, got shape ", shape_of(input));
   TORCH_CHECK(
-      target.device() == input.device(),
-      "fused_softmax: target: expected a tensor on ", input.device(), " like input, got one on ", target.device());
+      target.device() == input.device(), "fused_softmax: target: expected a tensor on ", input.device(),
+      " like input, got one on ", target.device());
   TORCH_CHECK(
       label_smoothing >= 0.0 && label_smoothing <= 1.0,
       "fused_softmax: label_smoothing: expected a value in [0, 1], got ", label_smoothing);
@@ -46,9 +41,8 @@ bool check_cross_entropy_args(
   const auto tdtype = target.scalar_type();
   if (tdtype == at::kLong || tdtype == at::kInt || tdtype == at::kByte) {  // uint8: as torch's nll_loss
     TORCH_CHECK(
-        target.dim() == 1 && target.size(0) == rows,
-        "fused_softmax: target: class indices must have shape [", rows, "] to match input ",
-        shape_of(input), ", got ", shape_of(target));
+        target.dim() == 1 && target.size(0) == rows, "fused_softmax: target: class indices must have shape [", rows,
+        "] to match input ", shape_of(input), ", got ", shape_of(target));
   } else if (at::isFloatingType(tdtype)) {
     TORCH_CHECK(
         target.dim() == 2 && target.size(0) == rows && target.size(1) == classes,
@@ -61,7 +55,8 @@ bool check_cross_entropy_args(
     probabilities = true;
   } else {
     TORCH_CHECK(
-        false, "fused_softmax: target: expected int64, int32 or uint8 class indices or floating class probabilities, "
+        false,
+        "fused_softmax: target: expected int64, int32 or uint8 class indices or floating class probabilities, "
         "got dtype ",
         tdtype);
   }
@@ -69,14 +64,13 @@ bool check_cross_entropy_args(
   if (weight.has_value() && weight->defined()) {
     const auto& w = *weight;
     TORCH_CHECK(
-        w.dim() == 1 && w.size(0) == classes,
-        "fused_softmax: weight: expected a 1-D tensor of ", classes, " class weights, got shape ", shape_of(w));
+        w.dim() == 1 && w.size(0) == classes, "fused_softmax: weight: expected a 1-D tensor of ", classes,
+        " class weights, got shape ", shape_of(w));
     TORCH_CHECK(
-        w.device() == input.device(),
-        "fused_softmax: weight: expected a tensor on ", input.device(), " like input, got one on ", w.device());
+        w.device() == input.device(), "fused_softmax: weight: expected a tensor on ", input.device(),
+        " like input, got one on ", w.device());
     TORCH_CHECK(
-        at::isFloatingType(w.scalar_type()),
-        "fused_softmax: weight: expected a floating dtype, got ", w.scalar_type());
+        at::isFloatingType(w.scalar_type()), "fused_softmax: weight: expected a floating dtype, got ", w.scalar_type());
   }
   return probabilities;
 }
@@ -100,9 +94,8 @@ void check_backward_args(
   TORCH_CHECK(
       stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 2 && stats.device() == input.device() &&
           stats.scalar_type() == acc,
-      "fused_softmax: stats: expected the forward's ", acc, " (max, log_sum) tensor of shape [", rows,
-      ", 2] on ", input.device(), ", got ", stats.scalar_type(), " of shape ", shape_of(stats), " on ",
-      stats.device());
+      "fused_softmax: stats: expected the forward's ", acc, " (max, log_sum) tensor of shape [", rows, ", 2] on ",
+      input.device(), ", got ", stats.scalar_type(), " of shape ", shape_of(stats), " on ", stats.device());
 }
 
 LogitOptions with_mean_z_loss(LogitOptions options, double divisor, int64_t rows_kept) {
@@ -112,12 +105,13 @@ LogitOptions with_mean_z_loss(LogitOptions options, double divisor, int64_t rows
 
 LogitOptions check_options(const at::Tensor& input, double logit_scale, double softcap, double z_loss) {
   TORCH_CHECK(
-      std::isfinite(logit_scale) && logit_scale > 0,
-      "fused_softmax: logit_scale: expected a finite value > 0, got ", logit_scale);
+      std::isfinite(logit_scale) && logit_scale > 0, "fused_softmax: logit_scale: expected a finite value > 0, got ",
+      logit_scale);
   TORCH_CHECK(
       std::isfinite(softcap) && softcap >= 0,
       "fused_softmax: softcap: expected a finite value > 0 (or 0 for none), got ", softcap);
-  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0, "fused_softmax: z_loss: expected a finite value >= 0, got ", z_loss);
+  TORCH_CHECK(
+      std::isfinite(z_loss) && z_loss >= 0, "fused_softmax: z_loss: expected a finite value >= 0, got ", z_loss);
   // The kernels compute in the accumulation dtype: in float32 a scale or cap out of its normal range would
   // round to inf (NaN losses) or towards 0 (a softcap silently off), so it is refused, not rounded.
   if (accumulate_type(input.scalar_type()) == at::kFloat) {
@@ -138,13 +132,8 @@ at::ScalarType accumulate_type(at::ScalarType input_dtype) {
 }
 
 PreparedArgs prepare_args(
-    const at::Tensor& input,
-    const at::Tensor& target,
-    const std::optional<at::Tensor>& weight,
-    double label_smoothing,
-    int64_t reduction,
-    int64_t class_start,
-    int64_t num_classes) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double label_smoothing,
+    int64_t reduction, int64_t class_start, int64_t num_classes) {
   TORCH_CHECK(
       reduction == kNone || reduction == kMean || reduction == kSum,
       "fused_softmax: reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
@@ -153,9 +142,8 @@ PreparedArgs prepare_args(
   p.class_start = class_start;
   p.num_classes = num_classes == 0 ? columns : num_classes;
   TORCH_CHECK(
-      class_start >= 0 && class_start + columns <= p.num_classes,
-      "fused_softmax: class_start, num_classes: input's ", columns, " columns starting at class ", class_start,
-      " must lie within the ", p.num_classes, " classes");
+      class_start >= 0 && class_start + columns <= p.num_classes, "fused_softmax: class_start, num_classes: input's ",
+      columns, " columns starting at class ", class_start, " must lie within the ", p.num_classes, " classes");
   p.probabilities = check_cross_entropy_args(input, target, weight, label_smoothing, p.num_classes);
   p.input = input.stride(1) == 1 ? input : input.contiguous();
   if (p.probabilities) {

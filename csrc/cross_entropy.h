@@ -60,10 +60,7 @@ LogitOptions with_mean_z_loss(LogitOptions options, double divisor, int64_t rows
 
 // Extra checks of the backward op's own inputs.
 void check_backward_args(
-    const at::Tensor& grad_loss,
-    const at::Tensor& input,
-    const at::Tensor& stats,
-    int64_t reduction);
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& stats, int64_t reduction);
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };  // as at::Reduction
 
@@ -81,13 +78,8 @@ struct PreparedArgs {
 };
 
 PreparedArgs prepare_args(
-    const at::Tensor& input,
-    const at::Tensor& target,
-    const std::optional<at::Tensor>& weight,
-    double label_smoothing,
-    int64_t reduction,
-    int64_t class_start = 0,
-    int64_t num_classes = 0);
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double label_smoothing,
+    int64_t reduction, int64_t class_start = 0, int64_t num_classes = 0);
 
 // Class probabilities as both kernels read them: in the logits' dtype (scalar_t), or in float32
 // (acc_t) for 16-bit logits, read as they are (rounded to 16 bits, a few rows' losses lost digits
@@ -101,9 +93,10 @@ struct Probabilities {
   C10_HOST_DEVICE explicit operator bool() const { return p != nullptr; }
   C10_HOST_DEVICE Probabilities operator+(int64_t k) const {  // k elements on
     if (!p) return *this;
-    return {wide ? static_cast<const void*>(static_cast<const acc_t*>(p) + k)
-                 : static_cast<const void*>(static_cast<const scalar_t*>(p) + k),
-            wide};
+    return {
+        wide ? static_cast<const void*>(static_cast<const acc_t*>(p) + k)
+             : static_cast<const void*>(static_cast<const scalar_t*>(p) + k),
+        wide};
   }
   // f(elements), with elements a const acc_t* or a const scalar_t*.
   template <typename F>

@@ -22,17 +22,15 @@ c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
 }
 
 std::tuple<at::Tensor, at::Tensor> call_fwd(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
-    double z_loss) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   static const auto op = typed_op<decltype(call_fwd)>("fused_softmax::cross_entropy_fwd");
   return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd_grad(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
-    double z_loss) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   static const auto op = typed_op<decltype(call_fwd_grad)>("fused_softmax::cross_entropy_fwd_grad");
   return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
 }
@@ -108,9 +106,9 @@ at::Tensor scaled_in_place(at::Tensor grad, const at::Tensor& grad_loss, int64_t
 class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
  public:
   static variable_list forward(
-      AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-      const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing, int64_t reduction,
-      double logit_scale, double softcap, double z_loss, bool form_grad) {
+      AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+      int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
+      double z_loss, bool form_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels below see plain tensors
     at::Tensor loss, stats;
     if (form_grad) {
@@ -164,8 +162,8 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
       formed_grad.reset();  // freed first: the recomputed gradient takes its memory, the peak stays one gradient
       std::optional<at::AutoDispatchBelowADInplaceOrView> plain;  // no graph wanted: skip the op's autograd
       if (!create_graph) plain.emplace();
-      out[0] = call_bwd(
-          grad_loss, input, target, weight, stats, ignore_index, eps, reduction, logit_scale, softcap, z_loss);
+      out[0] =
+          call_bwd(grad_loss, input, target, weight, stats, ignore_index, eps, reduction, logit_scale, softcap, z_loss);
     }
     if (ctx->needs_input_grad(1)) {
       // Probability targets: d loss_i / d t_ic = (1 - eps) * w_c * (lse_i - x_ic), lse - x = log_sum - (x - max),
@@ -173,9 +171,8 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
       // that this gradient's own gradient reaches them.
       at::Tensor x = input.to(stats.scalar_type()) * logit_scale;
       if (softcap > 0) x = at::where(at::isneginf(x), x, at::tanh(x / softcap) * softcap);
-      at::Tensor lse_minus_x = create_graph
-                                   ? at::logsumexp(x, 1, /*keepdim=*/true) - x
-                                   : stats.select(1, 1).unsqueeze(1) - (x - stats.select(1, 0).unsqueeze(1));
+      at::Tensor lse_minus_x = create_graph ? at::logsumexp(x, 1, /*keepdim=*/true) - x
+                                            : stats.select(1, 1).unsqueeze(1) - (x - stats.select(1, 0).unsqueeze(1));
       at::Tensor g = grad_loss.to(stats.scalar_type());  // per row, or one value for a reduced loss
       if (reduction == kNone) g = g.unsqueeze(1);
       if (reduction == kMean) g = g / static_cast<double>(input.size(0));  // probabilities: mean over rows
@@ -204,8 +201,8 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
       double logit_scale, double softcap, double z_loss) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const int64_t num_rows = rows.size(0), num_classes = rows.size(1);
-    auto [loss, stats] = call_fwd_inplace(
-        rows, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    auto [loss, stats] =
+        call_fwd_inplace(rows, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
     ctx->mark_dirty({whole});
     ctx->save_for_backward({whole});  // now the gradient
     ctx->saved_data["reduction"] = reduction;
@@ -242,14 +239,13 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
 };
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_autograd(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
-    double z_loss) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   // On the CPU the gradient is formed during the forward when one will be needed. Not on CUDA, where
   // the two kernels cost the same either way and scaling by an unknown grad_loss would add a pass,
   // nor while tracing (the traced graph keeps forward and backward apart).
-  const bool form_grad = at::GradMode::is_enabled() && input.requires_grad() && input.device().is_cpu() &&
-                         !traced(input);
+  const bool form_grad =
+      at::GradMode::is_enabled() && input.requires_grad() && input.device().is_cpu() && !traced(input);
   auto out = CrossEntropyFunction::apply(
       input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, form_grad);
   return {out[0], out[1]};
@@ -281,8 +277,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_autograd(
       "fused_softmax: input: inplace_backward=True cannot keep retain_grad() on logits that are output ",
       whole.output_nr(), " of the op that made them");
   auto out = CrossEntropyInplaceFunction::apply(
-      whole, input, target, weight, ignore_index, label_smoothing, reduction, logit_scale,
-      softcap, z_loss);
+      whole, input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
   return {out[1], out[2]};
 }
 

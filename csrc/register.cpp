@@ -39,17 +39,21 @@ TORCH_LIBRARY(fused_softmax, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_softmax kernels; the ops live in torch.ops.fused_softmax";
-  m.def("cuda_built", [] {
+  m.def(
+      "cuda_built",
+      [] {
 #ifdef FUSED_SOFTMAX_WITH_CUDA
-    return true;
+        return true;
 #else
-    return false;
+        return false;
 #endif
-  }, "Whether the CUDA kernels were compiled into this build.");
-  m.def("empty_cache", &fused_softmax::empty_cache,
-        "Return the CPU kernel's cached gradient memory to the system.");
-  m.def("cpu_capability", &fused_softmax::cpu::capability,
-        "The instruction-set level of the CPU kernels in use (see csrc/cpu/kernels.h).");
-  m.def("cpu_capabilities", &fused_softmax::cpu::capabilities,
-        "The levels of CPU kernels this build holds, lowest first, each with whether this CPU runs it.");
+      },
+      "Whether the CUDA kernels were compiled into this build.");
+  m.def("empty_cache", &fused_softmax::empty_cache, "Return the CPU kernel's cached gradient memory to the system.");
+  m.def(
+      "cpu_capability", &fused_softmax::cpu::capability,
+      "The instruction-set level of the CPU kernels in use (see csrc/cpu/kernels.h).");
+  m.def(
+      "cpu_capabilities", &fused_softmax::cpu::capabilities,
+      "The levels of CPU kernels this build holds, lowest first, each with whether this CPU runs it.");
 }

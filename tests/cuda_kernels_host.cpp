@@ -47,10 +47,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_bwd", &cross_entropy_bwd_on<HostLauncher>);
   m.def("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_on<HostLauncher>);
   m.def("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_on<HostLauncher>);
-  m.def("run_diverged", [](const std::string& which) {
-    std::vector<float> out(fused_softmax::kBlock);
-    HostLauncher(at::Tensor())(which == "shuffle" ? &diverged_shuffle_kernel : &diverged_barrier_kernel, dim3(1),
-                               out.data());
-  }, "Launches a kernel whose threads skip a shuffle or a barrier (the simulator must throw).");
+  m.def(
+      "run_diverged",
+      [](const std::string& which) {
+        std::vector<float> out(fused_softmax::kBlock);
+        HostLauncher(at::Tensor())(
+            which == "shuffle" ? &diverged_shuffle_kernel : &diverged_barrier_kernel, dim3(1), out.data());
+      },
+      "Launches a kernel whose threads skip a shuffle or a barrier (the simulator must throw).");
   m.def("set_multiprocessors", [](int n) { multiprocessors = n; }, "The SM count the grids are sized for.");
 }

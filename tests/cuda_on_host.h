@@ -200,7 +200,8 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   w.lane_masks[buffer][lane] = lane_mask;
   cuda_on_host::arrive_and_wait(w.barrier, cuda_on_host::kWarp);
   for (int other : w.lane_masks[buffer]) {
-    if (other != lane_mask) throw std::runtime_error("cuda_on_host: the lanes of a warp shuffled with different offsets");
+    if (other != lane_mask)
+      throw std::runtime_error("cuda_on_host: the lanes of a warp shuffled with different offsets");
   }
   T out;
   std::memcpy(&out, &w.values[buffer][lane ^ lane_mask], sizeof out);

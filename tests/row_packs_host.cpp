@@ -29,9 +29,9 @@ int check(int64_t C, int offset) {
   }
   for (int64_t c = 0; c < C; ++c) {
     if (visits[c] != 1 || wrong_values) {
-      std::printf("C=%lld offset=%d threads=%d vec=%d: column %lld visited %d times, %d wrong values\n",
-                  static_cast<long long>(C), offset, kThreads, kVec, static_cast<long long>(c), visits[c],
-                  wrong_values);
+      std::printf(
+          "C=%lld offset=%d threads=%d vec=%d: column %lld visited %d times, %d wrong values\n",
+          static_cast<long long>(C), offset, kThreads, kVec, static_cast<long long>(c), visits[c], wrong_values);
       return 1;
     }
   }
@@ -44,8 +44,8 @@ int main() {
     for (int offset = 0; offset < 8; ++offset) {  // elements past a 64-byte boundary
       failures += check<4, 8, int16_t>(C, offset) + check<32, 8, int16_t>(C, offset) +
                   check<256, 8, int16_t>(C, offset) + check<256, 1, int16_t>(C, offset);
-      failures += check<4, 4, float>(C, offset % 4) + check<32, 4, float>(C, offset % 4) +
-                  check<4, 1, float>(C, offset % 4);
+      failures +=
+          check<4, 4, float>(C, offset % 4) + check<32, 4, float>(C, offset % 4) + check<4, 1, float>(C, offset % 4);
       failures += check<4, 2, double>(C, offset % 2) + check<256, 2, double>(C, offset % 2);
       cases += 9;
     }

@@ -71,8 +71,10 @@ int check(const std::vector<float>& x, const std::vector<float>& q, const char* 
     for (int64_t c = 0; c < C; ++c) exact_term += q[c] * (exact - x[c]);  // inf with mass on a -inf logit, as torch
     ok = fabs(lse - exact) <= 2e-6 * fmax(1.0, fabs(exact)) &&
          (isinf(exact_term) ? term == exact_term : fabs(term - exact_term) <= 2e-5 * fmax(1.0, fabs(exact_term)));
-    if (!ok) std::printf("%s C=%lld threads=%d: lse %.9g (float64 %.9g), target term %.9g (float64 %.9g)\n", what,
-                         static_cast<long long>(C), kThreads, lse, exact, term, exact_term);
+    if (!ok)
+      std::printf(
+          "%s C=%lld threads=%d: lse %.9g (float64 %.9g), target term %.9g (float64 %.9g)\n", what,
+          static_cast<long long>(C), kThreads, lse, exact, term, exact_term);
     return !ok;
   }
   if (!ok) std::printf("%s C=%lld threads=%d: lse %g\n", what, static_cast<long long>(C), kThreads, lse);
@@ -92,12 +94,17 @@ int main() {
           x[c] = normal(rng) * scale;
           q[c] = uniform(rng) / C;
         }
-        if (special == 1) for (int64_t c = 0; c < C; c += 3) x[c] = -INFINITY;
-        if (special == 2) for (float& v : x) v = -INFINITY;
+        if (special == 1)
+          for (int64_t c = 0; c < C; c += 3) x[c] = -INFINITY;
+        if (special == 2)
+          for (float& v : x) v = -INFINITY;
         if (special == 3) x[C / 2] = INFINITY;
         if (special == 4) x[C / 3] = NAN;
-        const char* what = special == 0 ? "random" : special == 1 ? "-inf entries" : special == 2 ? "all -inf"
-                           : special == 3 ? "+inf" : "NaN";
+        const char* what = special == 0   ? "random"
+                           : special == 1 ? "-inf entries"
+                           : special == 2 ? "all -inf"
+                           : special == 3 ? "+inf"
+                                          : "NaN";
         failures += check<4>(x, q, what) + check<32>(x, q, what) + check<256>(x, q, what);
         cases += 3;
       }

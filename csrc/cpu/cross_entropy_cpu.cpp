@@ -89,9 +89,8 @@ const Level& level_in_use() {
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
-    double z_loss) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
   auto [loss, stats, _] =
       kernels().forward(input, target, weight, ignore_index, label_smoothing, reduction, options, GradTo::kNowhere);
@@ -108,18 +107,16 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_cpu(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
-    double z_loss) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
   return kernels().forward(input, target, weight, ignore_index, label_smoothing, reduction, options, GradTo::kNew);
 }
 
 at::Tensor cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
-    int64_t class_start, int64_t num_classes) {
+    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
+    int64_t reduction, double logit_scale, double softcap, double z_loss, int64_t class_start, int64_t num_classes) {
   const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
   return kernels().backward(
       grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, options, class_start,

@@ -171,8 +171,7 @@ inline int64_t elements_to_stream_alignment(const T* p) {
 // element at a time made the stores a fifth of a block's time); otherwise, and at the edges, one
 // element at a time, converted.
 template <typename To, typename From>
-inline void copy_transposed(const From* src, int64_t src_stride, To* dst, int64_t dst_stride, int64_t ni,
-                            int64_t nj) {
+inline void copy_transposed(const From* src, int64_t src_stride, To* dst, int64_t dst_stride, int64_t ni, int64_t nj) {
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<From, float> && std::is_same_v<To, float>) {
@@ -250,8 +249,8 @@ inline Vectorized<float> vexp(const Vectorized<float>& v) {
   // exp(-104) = 2^-150.04 rounds to 0; max() turns -inf into -104 and keeps NaN (vmaxps returns its
   // second operand where either is NaN).
   const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.f), __m512(v));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // n * 0.693359375 is exact (|n| <= 150, 9 significant bits); -2.12194440e-4 is the rest of ln 2.
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -275,8 +274,8 @@ inline Vectorized<double> vexp(const Vectorized<double>& v) {
 
 // Lanes of a where cls == c, of b elsewhere.
 template <typename acc_t>
-inline Vectorized<acc_t> where_equal(const Vectorized<acc_t>& cls, const Vectorized<acc_t>& c,
-                                     const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+inline Vectorized<acc_t> where_equal(
+    const Vectorized<acc_t>& cls, const Vectorized<acc_t>& c, const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
   return Vectorized<acc_t>::blendv(b, a, cls == c);
 }
 
@@ -287,8 +286,8 @@ inline Vectorized<acc_t> block_max(const Vectorized<acc_t>& m, const Vectorized<
 }
 
 #if defined(CPU_CAPABILITY_AVX512)  // float lanes, chosen over the templates above
-inline Vectorized<float> where_equal(const Vectorized<float>& cls, const Vectorized<float>& c,
-                                     const Vectorized<float>& a, const Vectorized<float>& b) {
+inline Vectorized<float> where_equal(
+    const Vectorized<float>& cls, const Vectorized<float>& c, const Vectorized<float>& a, const Vectorized<float>& b) {
   return _mm512_mask_blend_ps(_mm512_cmpeq_ps_mask(cls, c), b, a);
 }
 
@@ -330,9 +329,7 @@ struct Transform {
     const Vec t = x / Vec(cap);
     return Vec::blendv(Vec(scale) * (Vec(1) - t * t), Vec(0), x == Vec(-std::numeric_limits<acc_t>::infinity()));
   }
-  acc_t slope(acc_t x) const {
-    return identity ? acc_t(1) : first_lane(slope(Vec(x)));
-  }
+  acc_t slope(acc_t x) const { return identity ? acc_t(1) : first_lane(slope(Vec(x))); }
 };
 
 // The part of a row's target mass q_c that is spread over classes:
@@ -492,8 +489,8 @@ struct Problem {
       }
     }
     // A NaN or +inf logit, or only -inf ones, make the row NaN, as in torch (exp_u20 is not NaN-exact).
-    const acc_t log_sum = std::isfinite(m) ? std::log(static_cast<acc_t>(sum_exp))
-                                           : std::numeric_limits<acc_t>::quiet_NaN();
+    const acc_t log_sum =
+        std::isfinite(m) ? std::log(static_cast<acc_t>(sum_exp)) : std::numeric_limits<acc_t>::quiet_NaN();
     stats[i] = {m, log_sum};
     if (ignored(i)) {
       loss[i] = 0;
@@ -597,7 +594,8 @@ struct Problem {
       for (int64_t c0 = 0; c0 < C; c0 += K) {
         const int64_t n = std::min(K, C - c0);
         __m512 r[K];
-        for (int64_t i = 0; i < K; ++i) r[i] = i < rows ? __m512(load<acc_t>(xi + i * x_stride + c0, n)) : _mm512_setzero_ps();
+        for (int64_t i = 0; i < K; ++i)
+          r[i] = i < rows ? __m512(load<acc_t>(xi + i * x_stride + c0, n)) : _mm512_setzero_ps();
         transpose_16x16(r);
         // All 16 (b.x has room): a count known only at run time made the compiler spill r and copy it.
         for (int64_t c = 0; c < K; ++c) _mm512_store_ps(b.x + (c0 + c) * K, r[c]);
@@ -632,8 +630,9 @@ struct Problem {
       const __m512i lo = _mm512_maskz_loadu_epi64(first8(rows), y + i0);  // rows i0 .. i0 + 7
       const __m512i hi = _mm512_maskz_loadu_epi64(first8(rows - 8), y + i0 + 8);
       // The lanes with a target class: rows of the block that are not ignored.
-      const __mmask16 targeted = _mm512_mask_cmpneq_epi64_mask(first8(rows), lo, ignore) |
-                                 static_cast<__mmask16>(_mm512_mask_cmpneq_epi64_mask(first8(rows - 8), hi, ignore) << 8);
+      const __mmask16 targeted =
+          _mm512_mask_cmpneq_epi64_mask(first8(rows), lo, ignore) |
+          static_cast<__mmask16>(_mm512_mask_cmpneq_epi64_mask(first8(rows - 8), hi, ignore) << 8);
       // Their classes (< C <= 32, checked) as 16 32-bit integers.
       const __m512i cls =
           _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
@@ -654,8 +653,8 @@ struct Problem {
 
   // Losses and stats of a block, the same math as forward_row, lane-wise; returns the stats. With
   // e, each class's exp(x - max) is kept there (e[c * K + r]) for the block's backward.
-  FUSED_SOFTMAX_FLATTEN BlockStats forward_block(const Block& b, int64_t i0, int64_t rows, acc_t* loss,
-                                                 RowStats<acc_t>* stats, acc_t* e = nullptr) const {
+  FUSED_SOFTMAX_FLATTEN BlockStats forward_block(
+      const Block& b, int64_t i0, int64_t rows, acc_t* loss, RowStats<acc_t>* stats, acc_t* e = nullptr) const {
     const acc_t spread = eps / static_cast<acc_t>(C);
     const Vec cls = Vec::loadu(b.cls);
     Vec m(-std::numeric_limits<acc_t>::infinity()), x_y(0), class_c(0);
@@ -713,8 +712,8 @@ struct Problem {
   // The backward of a block, into b.grad: g * (p_c * S - q_c) * slope, the target class included, so
   // it is rounded once (by store_block); 0 in ignored rows, NaN in NaN rows. e: forward_block's kept
   // exps, or nullptr (p_c has the same bits either way, as in backward_row).
-  FUSED_SOFTMAX_FLATTEN void backward_block(Block& b, const BlockStats& s, const Vec& g,
-                                            const acc_t* e = nullptr) const {
+  FUSED_SOFTMAX_FLATTEN void backward_block(
+      Block& b, const BlockStats& s, const Vec& g, const acc_t* e = nullptr) const {
     const acc_t spread = eps / static_cast<acc_t>(C);
     const Vec cls = Vec::loadu(b.cls), coef = Vec::loadu(b.coef);
     const Vec S = coef + Vec(spread_index_mass) + Vec(2 * z_loss) * (s.max + s.log_sum);  // sum_c q_c + 2 z lse
@@ -791,8 +790,8 @@ struct Problem {
   }
 
   // Row i's gradient into dx (contiguous rows), grad_loss g; e: see backward_row (or nullptr).
-  void backward_one_row(int64_t i, const RowStats<acc_t>* stats, acc_t g, scalar_t* dx,
-                        const acc_t* e = nullptr) const {
+  void backward_one_row(
+      int64_t i, const RowStats<acc_t>* stats, acc_t g, scalar_t* dx, const acc_t* e = nullptr) const {
     if (mend_row(i, stats, dx)) return;
     scalar_t* dxi = dx + i * C;
     if (transform.identity) {
@@ -805,8 +804,9 @@ struct Problem {
   // Losses and stats of rows [begin, end). With dx, also each row's gradient for grad_loss
   // unit_grad, right after its forward while the row (or block) is still in L1: one sweep over the
   // logits. dx (contiguous rows) may be x itself: a row is read before it is written.
-  void forward_rows(int64_t begin, int64_t end, acc_t* loss, RowStats<acc_t>* stats, scalar_t* dx = nullptr,
-                    acc_t unit_grad = 1) const {
+  void forward_rows(
+      int64_t begin, int64_t end, acc_t* loss, RowStats<acc_t>* stats, scalar_t* dx = nullptr,
+      acc_t unit_grad = 1) const {
     if (small()) {
       Block blocks[2];
       __at_align__ acc_t e[kMaxSmallClasses * K];
@@ -823,14 +823,15 @@ struct Problem {
     if (dx && C * static_cast<int64_t>(sizeof(acc_t)) <= kMaxKeptExpBytes) e.reset(new acc_t[C]);
     for (int64_t i = begin; i < end; ++i) {
       const acc_t m = row_max(x + i * x_stride);
-      transform.identity ? forward_row<false>(i, m, loss, stats, e.get()) : forward_row<true>(i, m, loss, stats, e.get());
+      transform.identity ? forward_row<false>(i, m, loss, stats, e.get())
+                         : forward_row<true>(i, m, loss, stats, e.get());
       if (dx) backward_one_row(i, stats, unit_grad, dx, e.get());
     }
   }
 
   // Row i's grad_loss is g[i * g_stride]. dx (contiguous rows) may be x itself.
-  void backward_rows(int64_t begin, int64_t end, const RowStats<acc_t>* stats, const acc_t* g, int64_t g_stride,
-                     scalar_t* dx) const {
+  void backward_rows(
+      int64_t begin, int64_t end, const RowStats<acc_t>* stats, const acc_t* g, int64_t g_stride, scalar_t* dx) const {
     if (small()) {
       Block blocks[2];
       for_each_block(begin, end, blocks, [&](int64_t i0, int64_t rows, Block& b) {
@@ -870,13 +871,13 @@ int64_t check_target_range_cpu(const at::Tensor& target64, int64_t C, int64_t ig
 }
 
 template <typename scalar_t>
-Problem<scalar_t> make_problem(const PreparedArgs& p, int64_t ignore_index, double label_smoothing,
-                               const LogitOptions& o) {
+Problem<scalar_t> make_problem(
+    const PreparedArgs& p, int64_t ignore_index, double label_smoothing, const LogitOptions& o) {
   using acc_t = at::opmath_type<scalar_t>;
   Problem<scalar_t> P{};
   fill_kernel_args<scalar_t, acc_t>(P, p, ignore_index, label_smoothing, o.z_loss);
-  P.transform = {static_cast<acc_t>(o.logit_scale), static_cast<acc_t>(o.softcap),
-                 o.logit_scale == 1.0 && o.softcap == 0.0};
+  P.transform = {
+      static_cast<acc_t>(o.logit_scale), static_cast<acc_t>(o.softcap), o.logit_scale == 1.0 && o.softcap == 0.0};
   const acc_t w_sum = P.w ? std::accumulate(P.w, P.w + P.classes, acc_t(0)) : static_cast<acc_t>(P.classes);
   // Without smoothing nothing is spread: 0, not 0 * sum(w), which a NaN or infinite weight makes NaN.
   P.spread_index_mass = P.eps > 0 ? P.eps / static_cast<acc_t>(P.classes) * w_sum : acc_t(0);
@@ -932,9 +933,8 @@ struct CpuArgs {
 // The shared preparation plus the CPU's own check of the class indices (the CUDA kernels assert on the
 // device instead: no host sync), and the divisor of 'mean'.
 CpuArgs prepare_args_cpu(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, LogitOptions options,
-    int64_t class_start = 0, int64_t num_classes = 0) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, LogitOptions options, int64_t class_start = 0, int64_t num_classes = 0) {
   PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
   const int64_t ignored_rows = p.probabilities ? 0 : check_target_range_cpu(p.target, p.num_classes, ignore_index);
   double divisor = 1.0;
@@ -947,11 +947,10 @@ CpuArgs prepare_args_cpu(
   return {std::move(p), divisor, options};
 }
 
-
 // This level's ForwardFn (kernels.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, const LogitOptions& options, GradTo grad_to) {
+    const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, const LogitOptions& options, GradTo grad_to) {
   const CpuArgs args = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction, options);
   const PreparedArgs& p = args.p;
   const double divisor = args.divisor;
@@ -988,13 +987,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   return {reduction == kNone ? loss : reduced, stats, grad};
 }
 
-
 // This level's BackwardFn (kernels.h).
 at::Tensor backward(
     const at::Tensor& grad_loss_, const at::Tensor& input_, const at::Tensor& target_,
-    const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, const LogitOptions& options, int64_t class_start,
-    int64_t num_classes) {
+    const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, int64_t ignore_index, double label_smoothing,
+    int64_t reduction, const LogitOptions& options, int64_t class_start, int64_t num_classes) {
   const CpuArgs args = prepare_args_cpu(
       input_, target_, weight_, ignore_index, label_smoothing, reduction, options, class_start, num_classes);
   const PreparedArgs& p = args.p;
@@ -1028,7 +1025,6 @@ at::Tensor backward(
   });
   return grad;
 }
-
 
 }  // namespace
 

@@ -13,8 +13,7 @@ namespace {
 // Launches kernels on the input's GPU (the device guard holds it current while the op runs).
 class CudaLauncher {
  public:
-  explicit CudaLauncher(const at::Tensor& input)
-      : guard_(input.device()), stream_(c10::cuda::getCurrentCUDAStream()) {}
+  explicit CudaLauncher(const at::Tensor& input) : guard_(input.device()), stream_(c10::cuda::getCurrentCUDAStream()) {}
 
   int multiprocessors() const {
     int sms = 0;

@@ -36,7 +36,6 @@
 
 namespace fused_softmax {
 
-
 constexpr int kWarp = 32;
 constexpr int kQuad = 4;           // threads per row for tiny C
 constexpr int kBlock = 256;        // threads per block for every schedule
@@ -229,8 +228,8 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, RowState<acc_t>* smem) {
 }
 
 template <typename scalar_t, int kThreads, bool kPlain>
-__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_bwd_kernel(
-    KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, scalar_t* dx) {
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
+    cross_entropy_bwd_kernel(KernelArgs<scalar_t, at::opmath_type<scalar_t>> a, scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   constexpr int kRowsPerBlock = kBlock / kThreads;
@@ -296,8 +295,8 @@ KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
 // Launches kernel(threads, plain), the kernel<scalar_t, kThreads, kPlain> that kernel returns for
 // std::integral_constant arguments, with the schedule that suits the rows and the kind that suits the options.
 template <typename scalar_t, typename Launcher, typename Kernel, typename acc_t, typename... Rest>
-void launch_for_classes(const Launcher& launch, const Kernel& kernel, const KernelArgs<scalar_t, acc_t>& a,
-                        Rest... rest) {
+void launch_for_classes(
+    const Launcher& launch, const Kernel& kernel, const KernelArgs<scalar_t, acc_t>& a, Rest... rest) {
   // Tiny rows: 4 lanes load up to kPacksInFlight packs each in one batch, 8 rows to a warp (a warp
   // to such a row left most lanes idle and paid a warp's shuffles for a few hundred bytes).
   constexpr int64_t kTinyC = kQuad * kPacksInFlight * (16 / sizeof(scalar_t));
@@ -306,7 +305,8 @@ void launch_for_classes(const Launcher& launch, const Kernel& kernel, const Kern
   // probabilities, runs over all the classes in the schedule's order).
   const int threads = a.classes <= kTinyC ? kQuad : a.classes <= kSmallC ? kWarp : kBlock;
   const int64_t rows_per_block = kBlock / threads;
-  const int64_t max_blocks = int64_t(launch.multiprocessors()) * 64;  // enough to fill the GPU; rows beyond are walked grid-stride
+  const int64_t max_blocks =
+      int64_t(launch.multiprocessors()) * 64;  // enough to fill the GPU; rows beyond are walked grid-stride
   const dim3 grid(static_cast<unsigned>(std::min((a.N + rows_per_block - 1) / rows_per_block, max_blocks)));
   auto go = [&](auto plain) {  // plain: std::true_type or std::false_type (see kPlain above)
     if (threads == kQuad) {
@@ -382,8 +382,9 @@ std::tuple<at::Tensor, at::Tensor> forward(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       auto kernel = [](auto threads, auto plain) { return &cross_entropy_fwd_kernel<scalar_t, threads(), plain()>; };
-      launch_for_classes(launch, kernel, kernel_args<scalar_t>(launch, p, ignore_index, label_smoothing, options),
-                         loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+      launch_for_classes(
+          launch, kernel, kernel_args<scalar_t>(launch, p, ignore_index, label_smoothing, options),
+          loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
     });
   }
   if (reduction == kNone) return {loss, stats};
@@ -411,9 +412,8 @@ std::tuple<at::Tensor, at::Tensor> forward_and_unit_grad(
 
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_on(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
-    double z_loss) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
   const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
@@ -437,9 +437,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_on(
 
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_on(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
-    double z_loss) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
   const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
   const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
   const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
@@ -461,7 +460,8 @@ at::Tensor cross_entropy_bwd_on(
   check_backward_args(grad_loss, p.input, stats, reduction);
   const Launcher launch(input);
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
-  if (p.input.size(0) > 0) launch_bwd(launch, p, grad_loss, stats, ignore_index, label_smoothing, reduction, options, grad);
+  if (p.input.size(0) > 0)
+    launch_bwd(launch, p, grad_loss, stats, ignore_index, label_smoothing, reduction, options, grad);
   return grad;
 }
 

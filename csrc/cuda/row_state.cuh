@@ -62,9 +62,7 @@ struct RowState {
     sum = t;
   }
   // The compensation folded into sum: before states are exchanged (shuffle_xor copies four fields).
-  __device__ __forceinline__ RowState folded() const {
-    return {max, sum - sum_excess, mass, mass_dot};
-  }
+  __device__ __forceinline__ RowState folded() const { return {max, sum - sum_excess, mass, mass_dot}; }
   // Adds a pack's logits: one rebase to the pack's max, then an exp per element, no branch.
   template <int n>
   __device__ __forceinline__ void add(const acc_t (&x)[n]) {
@@ -93,12 +91,8 @@ struct RowState {
   // then -inf, not the lowest finite value the state started at. (A row with a finite logit has
   // sum >= 1, from its max; a NaN one has sum NaN.)
   // (After a merge: sum_excess is 0.)
-  __device__ __forceinline__ acc_t row_max() const {
-    return sum == 0 ? acc_t(-INFINITY) : max;
-  }
-  __device__ __forceinline__ acc_t log_sum() const {
-    return isinf(max) || sum == 0 ? acc_t(NAN) : log(sum);
-  }
+  __device__ __forceinline__ acc_t row_max() const { return sum == 0 ? acc_t(-INFINITY) : max; }
+  __device__ __forceinline__ acc_t log_sum() const { return isinf(max) || sum == 0 ? acc_t(NAN) : log(sum); }
 };
 
 }  // namespace fused_softmax
