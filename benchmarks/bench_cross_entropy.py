@@ -6,7 +6,8 @@ the bytes a fused kernel must move, peak extra memory.
     python benchmarks/bench_cross_entropy.py --device cpu --shapes 4096x32000,65536x10
     python benchmarks/bench_cross_entropy.py --device cuda --dtypes bf16,fp32 --json out.json
 
-Rows are appended to a CSV (default benchmarks/results/cross_entropy.csv) with the machine and settings.
+Rows are appended to a CSV (--csv; default runs/benchmarks/cross_entropy.csv, untracked) with the machine
+and settings; benchmarks/results/cross_entropy.csv is the project's record.
 """
 
 from __future__ import annotations
@@ -190,7 +191,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--csv", default=str(Path(__file__).parent / "results" / "cross_entropy.csv"))
+    parser.add_argument(
+        "--csv",
+        default="runs/benchmarks/cross_entropy.csv",
+        help="append the rows here (untracked by default; benchmarks/results/cross_entropy.csv is the record)",
+    )
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--plot", default=None, help="write PNG plots named <this>_<device>_<metric>.png")
     args = parser.parse_args()

@@ -3,7 +3,8 @@
     python benchmarks/bench_trainer.py --epochs 3 --threads 2
 
 Both runs use the same seed; each reports the median epoch time (the first epoch, which warms up,
-excluded). Rows are appended to benchmarks/results/trainer.csv with the machine and settings.
+excluded). Rows are appended to --csv (default runs/benchmarks/trainer.csv, untracked) with the machine and
+settings; benchmarks/results/trainer.csv is the project's record.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--csv", default=str(Path(__file__).parent / "results" / "trainer.csv"))
+    parser.add_argument(
+        "--csv",
+        default="runs/benchmarks/trainer.csv",
+        help="append the rows here (the default is untracked; benchmarks/results/trainer.csv is the project's record)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
