@@ -182,9 +182,51 @@ if _C is not None:
                     f"fused_softmax: {name}: expected a tensor on {input.device} like input, got one on {tensor.device}"
                 )
 
+    def _check_args(input: Tensor, target: Tensor, weight: Tensor | None, label_smoothing, reduction, classes=None):
+        """The real ops' shape and dtype checks (csrc/cross_entropy.cpp) for the fake kernels, so that a bad
+        call traced by torch.compile fails as it does in eager, with a message naming the argument."""
+        torch._check(
+            input.dim() == 2 and input.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+            lambda: (
+                f"fused_softmax: input: expected 2-D floating (rows, classes) logits, got {input.dtype} "
+                f"of shape {list(input.shape)}"
+            ),
+        )
+        rows, classes = input.shape[0], classes or input.shape[1]
+        torch._check(input.shape[1] >= 1, lambda: "fused_softmax: input: expected at least one class")
+        if target.is_floating_point():
+            torch._check(
+                target.dim() == 2 and target.shape[0] == rows and target.shape[1] == classes,
+                lambda: (
+                    f"fused_softmax: target: class probabilities must have shape [{rows}, {classes}], got "
+                    f"{list(target.shape)}"
+                ),
+            )
+        else:
+            torch._check(
+                target.dtype in (torch.int64, torch.int32, torch.uint8) and target.dim() == 1
+                and target.shape[0] == rows,
+                lambda: f"fused_softmax: target: expected int64, int32 or uint8 class indices of shape [{rows}], "
+                f"got {target.dtype} of shape {list(target.shape)}",
+            )  # fmt: skip
+        if weight is not None:
+            torch._check(
+                weight.dim() == 1 and weight.shape[0] == classes and weight.is_floating_point(),
+                lambda: (
+                    f"fused_softmax: weight: expected {classes} floating class weights, got {weight.dtype} "
+                    f"of shape {list(weight.shape)}"
+                ),
+            )
+        torch._check(
+            0.0 <= label_smoothing <= 1.0,
+            lambda: f"fused_softmax: label_smoothing: expected a value in [0, 1], got {label_smoothing}",
+        )
+        torch._check(reduction in (0, 1, 2), lambda: f"fused_softmax: reduction: expected 0, 1 or 2, got {reduction}")
+
     @torch.library.register_fake("fused_softmax::cross_entropy_fwd")
     def _fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction, *options):
         _check_devices(input, target=target, weight=weight)
+        _check_args(input, target, weight, label_smoothing, reduction)
         acc = reference.accumulate_dtype(input.dtype)
         loss_shape = (input.shape[0],) if reduction == 0 else ()
         return input.new_empty(loss_shape, dtype=acc), input.new_empty((input.shape[0], 2), dtype=acc)
@@ -198,6 +240,23 @@ if _C is not None:
     @torch.library.register_fake("fused_softmax::cross_entropy_bwd")
     def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, *options):
         _check_devices(input, grad_loss=grad_loss, target=target, weight=weight, stats=stats)
+        classes = options[4] if len(options) > 4 else 0  # num_classes: a block of the rows' classes
+        _check_args(input, target, weight, label_smoothing, reduction, classes)
+        rows, acc = input.shape[0], reference.accumulate_dtype(input.dtype)
+        torch._check(
+            grad_loss.shape == ((rows,) if reduction == 0 else ()),
+            lambda: (
+                f"fused_softmax: grad_loss: expected shape {[rows] if reduction == 0 else []}, got "
+                f"{list(grad_loss.shape)}"
+            ),
+        )
+        torch._check(
+            stats.shape == (rows, 2) and stats.dtype == acc,
+            lambda: (
+                f"fused_softmax: stats: expected the forward's {acc} tensor of shape [{rows}, 2], got "
+                f"{stats.dtype} of shape {list(stats.shape)}"
+            ),
+        )
         return input.new_empty(input.shape)
 
     def _bwd_setup_context(ctx, inputs, output) -> None:

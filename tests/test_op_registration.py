@@ -209,3 +209,36 @@ def test_backend_says_when_no_cuda_device_is_visible(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cuda = fused_softmax.backend()["cuda"]
     assert cuda.startswith("pure PyTorch fallback") or cuda == "compiled CUDA kernel (no CUDA device visible)"
+
+
+BAD_OP_CALLS = {
+    # name: a call of the forward op (x (4, 10) float32, y (4,) int64), the argument its error names
+    "input 3-D": (lambda x, y: OPS.cross_entropy_fwd(x[None], y, None, -100, 0.0, 1), "input"),
+    "input integer": (lambda x, y: OPS.cross_entropy_fwd(x.long(), y, None, -100, 0.0, 1), "input"),
+    "target rows": (lambda x, y: OPS.cross_entropy_fwd(x, y[:3], None, -100, 0.0, 1), "target"),
+    "target dtype": (lambda x, y: OPS.cross_entropy_fwd(x, y.to(torch.int16), None, -100, 0.0, 1), "target"),
+    "probabilities shape": (lambda x, y: OPS.cross_entropy_fwd(x, x[:, :5], None, -100, 0.0, 1), "target"),
+    "weight size": (lambda x, y: OPS.cross_entropy_fwd(x, y, torch.ones(9), -100, 0.0, 1), "weight"),
+    "label_smoothing": (lambda x, y: OPS.cross_entropy_fwd(x, y, None, -100, 1.5, 1), "label_smoothing"),
+    "grad_loss shape": (
+        lambda x, y: OPS.cross_entropy_bwd(torch.ones(3), x, y, None, torch.zeros(4, 2), -100, 0.0, 0),
+        "grad_loss",
+    ),
+    "stats shape": (
+        lambda x, y: OPS.cross_entropy_bwd(torch.ones(4), x, y, None, torch.zeros(4, 3), -100, 0.0, 0),
+        "stats",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_OP_CALLS)
+def test_fake_kernels_refuse_what_the_ops_refuse(name):
+    """Traced (fake tensors, as torch.compile makes them) a bad call fails as in eager, naming the argument;
+    the fake kernels once returned shapes for anything."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    call, argument = BAD_OP_CALLS[name]
+    with pytest.raises(RuntimeError, match=f"fused_softmax: {argument}"):
+        call(torch.randn(4, 10), torch.randint(0, 10, (4,)))  # eager
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=f"fused_softmax: {argument}"):
+        call(torch.randn(4, 10), torch.randint(0, 10, (4,)))
