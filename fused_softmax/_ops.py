@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import reference
+from ._shared import REDUCTIONS, accumulate_dtype, transform
 
 try:
     from . import _C  # loading it registers the ops and their CPU (and CUDA) kernels
@@ -74,7 +75,7 @@ def empty_cache() -> None:
         _C.empty_cache()
 
 
-def cross_entropy(
+def forward(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -88,11 +89,11 @@ def cross_entropy(
 ) -> tuple[Tensor, Tensor]:
     """The loss of 2-D input (per row for 'none', else 0-dim) and the stats (max, log_sum) per row, in the
     accumulation dtype; the loss is differentiable. inplace_backward: input's storage receives the gradient."""
-    args = (input, target, weight, ignore_index, label_smoothing, reference.REDUCTIONS.index(reduction))
+    args = (input, target, weight, ignore_index, label_smoothing, REDUCTIONS.index(reduction))
     if _C is None or transformed(input, target):
         if inplace_backward:
             return _reference_inplace(*args, logit_scale, softcap, z_loss)
-        return reference.cross_entropy(*args, logit_scale, softcap, z_loss)
+        return reference.forward_op(*args, logit_scale, softcap, z_loss)
     if inplace_backward:
         return _FWD_INPLACE(*args, logit_scale, softcap, z_loss)
     return _FWD(*args, logit_scale, softcap, z_loss)
@@ -112,10 +113,10 @@ def transformed(first: Tensor, second: Tensor) -> bool:
     return forward_ad.unpack_dual(first).tangent is not None or forward_ad.unpack_dual(second).tangent is not None
 
 
-def cross_entropy_grad(*args) -> Tensor:
+def backward(*args) -> Tensor:
     """The backward op (cross_entropy_bwd's arguments), or its reference math without compiled ops."""
     if _C is None:
-        return reference.cross_entropy_rows_grad(*args)
+        return reference.backward_op(*args)
     return torch.ops.fused_softmax.cross_entropy_bwd(*args)
 
 
@@ -151,10 +152,10 @@ class _ReferenceInplace(torch.autograd.Function):
 def _reference_inplace_kernel(input, target, weight, ignore_index, label_smoothing, reduction, *options):
     """The in-place op's contract: the forward's results, and input overwritten by d loss / d input."""
     with torch.no_grad():
-        loss, stats = reference.cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction, *options)
+        loss, stats = reference.forward_op(input, target, weight, ignore_index, label_smoothing, reduction, *options)
         unit = torch.ones_like(loss)
         input.copy_(
-            reference.cross_entropy_rows_grad(
+            reference.backward_op(
                 unit, input, target, weight, stats, ignore_index, label_smoothing, reduction, *options
             )
         )
@@ -227,7 +228,7 @@ if _C is not None:
     def _fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction, *options):
         _check_devices(input, target=target, weight=weight)
         _check_args(input, target, weight, label_smoothing, reduction)
-        acc = reference.accumulate_dtype(input.dtype)
+        acc = accumulate_dtype(input.dtype)
         loss_shape = (input.shape[0],) if reduction == 0 else ()
         return input.new_empty(loss_shape, dtype=acc), input.new_empty((input.shape[0], 2), dtype=acc)
 
@@ -242,7 +243,7 @@ if _C is not None:
         _check_devices(input, grad_loss=grad_loss, target=target, weight=weight, stats=stats)
         classes = options[4] if len(options) > 4 else 0  # num_classes: a block of the rows' classes
         _check_args(input, target, weight, label_smoothing, reduction, classes)
-        rows, acc = input.shape[0], reference.accumulate_dtype(input.dtype)
+        rows, acc = input.shape[0], accumulate_dtype(input.dtype)
         torch._check(
             grad_loss.shape == ((rows,) if reduction == 0 else ()),
             lambda: (
@@ -275,8 +276,8 @@ if _C is not None:
         create_graph = torch.is_grad_enabled()
         wrt = [t for t, need in zip((grad_loss, input, target), ctx.needs_input_grad[:3], strict=True) if need]
         with torch.enable_grad():
-            x = reference.transform(input.to(reference.accumulate_dtype(input.dtype)), logit_scale, softcap)
-            grad = reference.cross_entropy_rows_grad(
+            x = transform(input.to(accumulate_dtype(input.dtype)), logit_scale, softcap)
+            grad = reference.backward_op(
                 grad_loss, input, target, weight, reference.row_stats(x), ignore_index, eps, reduction,
                 logit_scale, softcap, z_loss,
             )  # fmt: skip
@@ -290,7 +291,7 @@ if _C is not None:
         @torch.library.register_kernel("fused_softmax::cross_entropy_fwd", "cuda")
         def _fwd_cuda_fallback(*args):
             with torch.no_grad():
-                return reference.cross_entropy(*args)
+                return reference.forward_op(*args)
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_fwd_inplace", "cuda")
         def _fwd_inplace_cuda_fallback(*args):
@@ -303,4 +304,4 @@ if _C is not None:
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_bwd", "cuda")
         def _bwd_cuda_fallback(*args):
-            return reference.cross_entropy_rows_grad(*args)
+            return reference.backward_op(*args)

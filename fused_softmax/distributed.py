@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops
+from ._shared import REDUCTIONS, accumulate_dtype, mean_divisor, mean_z_loss, transform
 from .functional import check_options, loss_dtype
-from .reference import REDUCTIONS, accumulate_dtype, mean_divisor, mean_z_loss, transform
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -30,9 +30,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # The slice's (max, log_sum) of the logits as the softmax sees them; every row "ignored": no target here.
         if c_local > 0:
             nowhere = torch.full((n,), ignore_index, dtype=torch.long, device=local.device)
-            _, stats = _ops.cross_entropy(
-                local.detach(), nowhere, None, ignore_index, 0.0, "none", logit_scale, softcap
-            )
+            _, stats = _ops.forward(local.detach(), nowhere, None, ignore_index, 0.0, "none", logit_scale, softcap)
         else:  # a rank may hold no classes: its slice adds nothing (max -inf), and the collectives still run
             stats = torch.tensor([float("-inf"), 0.0], dtype=acc, device=local.device).expand(n, 2)
         # MAX all-reduce: the rows' global max, and each rank's slice width (-inf from the other ranks).
@@ -92,7 +90,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         ignore_index, eps, options, start, classes = ctx.args
         if local.shape[1] == 0:
             return torch.zeros_like(local), None, None, None, None, None, None
-        grad = _ops.cross_entropy_grad(
+        grad = _ops.backward(
             grad_loss.to(stats.dtype).contiguous(), local, target, weight, stats, ignore_index, eps, 0,
             *options, start, classes,
         )  # fmt: skip

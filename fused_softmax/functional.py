@@ -7,14 +7,13 @@ arguments, folds every accepted layout into that view, and shapes the result.
 
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import _ops, reference
-from .reference import REDUCTIONS
+from . import _ops
+from ._shared import REDUCTIONS, accumulate_dtype, as_dtype, as_index, probabilities_as_read
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -66,7 +65,7 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-    ignore_index = _as_index(ignore_index)
+    ignore_index = as_index(ignore_index)
     rows, target_rows, rows_shape = _as_rows(input, target, reduction, label_smoothing, weight, ignore_index)
     check_options("cross_entropy", z_loss, softcap, logit_scale)
     inplace_backward = inplace_backward and torch.is_grad_enabled() and input.requires_grad
@@ -75,14 +74,14 @@ def cross_entropy(
     if rows.shape[1] == 0:
         loss, stats = _no_classes(rows, target_rows, weight, ignore_index, label_smoothing, reduction, z_loss)
     else:
-        loss, stats = _ops.cross_entropy(
+        loss, stats = _ops.forward(
             rows, target_rows, weight, ignore_index, label_smoothing, reduction,
             float(logit_scale), float(softcap or 0.0), float(z_loss), inplace_backward,
         )  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(rows_shape)
     out_dtype = loss_dtype(input, target)
-    loss = _as_dtype(loss, out_dtype)  # 'mean' with every target ignored: 0 / 0 = nan, as in torch
+    loss = as_dtype(loss, out_dtype)  # 'mean' with every target ignored: 0 / 0 = nan, as in torch
     if not (return_lse or return_z_loss):
         return loss
     return with_lse_and_z_loss(
@@ -112,7 +111,7 @@ def with_lse_and_z_loss(
             z_part = z_part.sum()
             if reduction == "mean":  # over the rows not ignored (with_mean_z_loss in csrc/cross_entropy.h)
                 z_part = z_part / (counted.sum() if isinstance(counted, Tensor) else target_rows.shape[0])
-        z_part = _as_dtype(z_part.reshape(rows_shape) if reduction == "none" else z_part, loss.dtype)
+        z_part = as_dtype(z_part.reshape(rows_shape) if reduction == "none" else z_part, loss.dtype)
     return CrossEntropyOutput(loss, lse.reshape(rows_shape) if return_lse else None, z_part)
 
 
@@ -122,7 +121,7 @@ def _no_classes(
     """Logits with 0 classes: torch's own values (0 or -0 per row, NaN for 'mean', NaN with smoothing)
     and errors (IndexError for a class index that is not ignored), as the ops' (loss, stats); each
     row's lse is -inf, so a z-loss makes its rows infinite."""
-    acc = reference.accumulate_dtype(rows.dtype)
+    acc = accumulate_dtype(rows.dtype)
     probabilities = target.is_floating_point()
     kept = torch.ones(rows.shape[0], dtype=torch.bool) if probabilities else (target != ignore_index).cpu()
     if not probabilities and kept.any():
@@ -192,30 +191,6 @@ def _check_inplace(input: Tensor) -> None:
         )
 
 
-def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)  # skips a dispatcher call on the common float32 path
-
-
-def _probabilities_as_read(target: Tensor, logits_dtype: torch.dtype) -> Tensor:
-    """Class probabilities in the dtype the kernels read: the logits', but float32 for 16-bit logits
-    with probabilities of another dtype (rounded to 16 bits, a few rows' losses lost digits: 4.5e-4
-    relative error at 4 x 5 bf16, torch 2.6e-5)."""
-    if target.dtype == logits_dtype:
-        return target
-    wide = logits_dtype in (torch.float16, torch.bfloat16)
-    return target.to(torch.float32 if wide else logits_dtype)
-
-
-def _as_index(ignore_index) -> int:
-    """ignore_index as a Python int: any integer torch takes (numpy's too), not a float or a bool."""
-    if isinstance(ignore_index, bool):
-        raise TypeError("cross_entropy: ignore_index: expected an int, got bool")
-    try:
-        return operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"cross_entropy: ignore_index: expected an int, got {type(ignore_index).__name__}") from None
-
-
 def _as_rows(
     input: Tensor, target: Tensor, reduction: str, label_smoothing: float, weight: Tensor | None, ignore_index: int
 ) -> tuple[Tensor, Tensor, torch.Size]:
@@ -258,7 +233,7 @@ def _as_rows(
             f"shape {tuple(input.shape)}, got shape {tuple(target.shape)}"
         )
     if probabilities:
-        target = _probabilities_as_read(target, input.dtype)
+        target = probabilities_as_read(target, input.dtype)
 
     num_classes = input.shape[0] if unbatched else input.shape[1]
     if unbatched:

@@ -13,16 +13,21 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from ._shared import (
+    REDUCTIONS,
+    accumulate_dtype,
+    as_dtype,
+    as_index,
+    mean_divisor,
+    mean_z_loss,
+    probabilities_as_read,
+)
 from .functional import (
     CrossEntropyOutput,
-    _as_dtype,
-    _as_index,
-    _probabilities_as_read,
     cross_entropy,
     loss_dtype,
     with_lse_and_z_loss,
 )
-from .reference import REDUCTIONS, accumulate_dtype, mean_divisor, mean_z_loss
 
 # A chunk of rows' logits takes about this many bytes unless chunk_size says otherwise.
 _CHUNK_BYTES = 64 << 20
@@ -53,7 +58,7 @@ def linear_cross_entropy(
     and torch.func transforms take torch's reference path: the logits formed whole, then the fused loss.
     options: torch's LinearCrossEntropyOptions (torch >= 2.14); its batch_chunk_size is chunk_size, the
     rest is torch's own chunking policy (this one always chunks and accumulates as described above)."""
-    ignore_index = -100 if ignore_index is None else _as_index(ignore_index)
+    ignore_index = -100 if ignore_index is None else as_index(ignore_index)
     if options is not None:
         if not hasattr(options, "batch_chunk_size"):
             raise TypeError(
@@ -118,7 +123,7 @@ def linear_cross_entropy(
             "weight.detach()"
         )
     if rows_target.is_floating_point():  # once, not per chunk
-        rows_target = _probabilities_as_read(rows_target, input.dtype)
+        rows_target = probabilities_as_read(rows_target, input.dtype)
     # cross_entropy checks the options and shapes once, on an empty chunk; the op checks the class
     # indices and weights on every chunk.
     with torch.no_grad():
@@ -153,7 +158,7 @@ def linear_cross_entropy(
         )
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
-    loss = _as_dtype(loss, out_dtype)
+    loss = as_dtype(loss, out_dtype)
     if not (return_lse or return_z_loss):
         return loss
     rows_shape = rows.shape[:0] if unbatched else rows.shape[:1]
@@ -306,7 +311,7 @@ def _gradients_with_graph(saved: tuple, needs: tuple, rows_grad: Tensor, ignore_
     differentiable itself (fused_softmax/_ops.py). Second derivatives hold the N x C logits."""
     input, linear_weight, linear_bias, target, weight, _stats = saved
     logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
-    losses, _ = _ops.cross_entropy(logits, target, weight, ignore_index, eps, "none", *options)
+    losses, _ = _ops.forward(logits, target, weight, ignore_index, eps, "none", *options)
     wrt = [t for t, need in zip((input, linear_weight, linear_bias), needs, strict=True) if need]
     found = iter(torch.autograd.grad(losses, wrt, rows_grad.to(losses.dtype), create_graph=True))
     return tuple(next(found) if need else None for need in needs)

@@ -1,7 +1,7 @@
 """The cross-entropy math in plain PyTorch: the oracle of the tests and the fallback
 when the compiled kernels cannot be loaded.
 
-Both functions follow the contract of the compiled ops (csrc/cross_entropy.h): 2-D
+forward_op and backward_op follow the contract of the compiled ops (csrc/cross_entropy.h): 2-D
 input (N, C); target int class indices (N,) or class probabilities (N, C); per-row
 results in the accumulation dtype (float64 for float64 input, else float32).
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._shared import REDUCTIONS, accumulate_dtype, mean_divisor, mean_z_loss, transform
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["REDUCTIONS", "accumulate_dtype", "backward_op", "forward_op", "row_stats", "transform"]
 
 
 def _target_mass(
@@ -37,18 +37,7 @@ def _target_mass(
     return q * valid[:, None], valid
 
 
-REDUCTIONS = ("none", "mean", "sum")  # the ops' reduction argument is the index here, as at::Reduction
-
-
-def transform(input: Tensor, logit_scale: float = 1.0, softcap: float = 0.0) -> Tensor:
-    """The logits as the softmax sees them: scale * r, or cap * tanh(scale * r / cap); -inf stays -inf."""
-    x = input * logit_scale if logit_scale != 1.0 else input
-    if softcap > 0:
-        x = torch.where(x == float("-inf"), x, torch.tanh(x / softcap) * softcap)
-    return x
-
-
-def cross_entropy(
+def forward_op(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -67,25 +56,6 @@ def cross_entropy(
         return rows, stats
     total = rows.sum()
     return (total / mean_divisor(target, weight, ignore_index, rows.dtype) if reduction == 1 else total), stats
-
-
-def mean_divisor(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """What 'mean' divides by: the summed weights of the rows not ignored, or the row count for probabilities."""
-    if target.is_floating_point():
-        return torch.tensor(float(target.shape[0]), dtype=dtype, device=target.device)
-    counted = target != ignore_index
-    if weight is None:
-        return counted.sum().to(dtype)
-    return (weight.to(dtype)[torch.where(counted, target, 0)] * counted).sum()
-
-
-def mean_z_loss(z_loss: float, target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype):
-    """The z-loss coefficient of a 'mean' loss: z_loss * D / rows kept, so that dividing by D (mean_divisor)
-    divides the z-loss by the rows not ignored, as the peers do (csrc/cross_entropy.h: with_mean_z_loss)."""
-    if z_loss == 0 or weight is None or target.is_floating_point():
-        return z_loss
-    kept = (target != ignore_index).sum()
-    return torch.where(kept > 0, z_loss * mean_divisor(target, weight, ignore_index, dtype) / kept, z_loss)
 
 
 def cross_entropy_rows(
@@ -128,7 +98,7 @@ def minus_lse(x: Tensor, stats: Tensor) -> Tensor:
     return (x - stats[:, :1]) - stats[:, 1:]
 
 
-def cross_entropy_rows_grad(
+def backward_op(
     grad_loss: Tensor,
     input: Tensor,
     target: Tensor,

@@ -134,9 +134,9 @@ def test_options_match_the_cpu_op_and_float64(sim, options, dtype, c):
 
 def reference_run(x, target, weight=None, ignore_index=-100, eps=0.0, reduction=0, scale=1.0, cap=0.0, z=0.0):
     """run() with the float64 reference's forward and backward (fused_softmax.reference)."""
-    loss, stats = reference.cross_entropy(x, target, weight, ignore_index, eps, reduction, scale, cap, z)
+    loss, stats = reference.forward_op(x, target, weight, ignore_index, eps, reduction, scale, cap, z)
     g = torch.randn(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(3))
-    grad = reference.cross_entropy_rows_grad(g, x, target, weight, stats, ignore_index, eps, reduction, scale, cap, z)
+    grad = reference.backward_op(g, x, target, weight, stats, ignore_index, eps, reduction, scale, cap, z)
     return loss.detach(), stats.sum(1), grad
 
 
