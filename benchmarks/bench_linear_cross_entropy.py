@@ -2,12 +2,19 @@
 extra memory of forward+backward, side by side in one process.
 
     python benchmarks/bench_linear_cross_entropy.py --n 2048 --hidden 1024 --classes 32000 --threads 2
+
+Rows (median, p20, p80, peak) are appended to --csv (default runs/benchmarks/linear_cross_entropy.csv,
+untracked) with the machine and settings; benchmarks/results/linear_cross_entropy.csv is the record.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
+import json
 import statistics
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +34,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--providers", default="fused,matmul+torch,matmul+fused,torch.linear_ce")
+    parser.add_argument("--csv", default="runs/benchmarks/linear_cross_entropy.csv", help="append the rows here")
+    parser.add_argument("--note", default="", help="what this run measures (a version, a change), kept in each row")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     timer, memory = Timer(args.device), PeakMemory(args.device)
-    print("machine:", machine(args.device))
+    host = machine(args.device)
+    print("machine:", host)
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["machine", "time", "device", "dtype", "n", "hidden", "c", "provider"]
+    fields += ["median_ms", "p20_ms", "p80_ms", "peak_mib", "note"]
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     providers = {
         "fused": lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t),
         "matmul+torch": lambda x, w, t: F.cross_entropy(x @ w.t(), t),
@@ -64,6 +79,17 @@ def main() -> None:
             median = statistics.median(times)
             base = base or (median, peak)
             print(f"  {provider:13} fwd+bwd {median:9.1f} ms (x{median / base[0]:.2f})   peak extra {peak:8.1f} MiB")
+            p20, p80 = (statistics.quantiles(times, n=5)[i] for i in (0, 3)) if len(times) > 1 else (median, median)
+            new = not path.exists()
+            with path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                if new:
+                    writer.writeheader()
+                writer.writerow(
+                    dict(machine=json.dumps(host), time=when, device=args.device, dtype=name, n=args.n,
+                         hidden=args.hidden, c=args.classes, provider=provider, median_ms=median, p20_ms=p20,
+                         p80_ms=p80, peak_mib=peak, note=args.note)
+                )  # fmt: skip
 
 
 if __name__ == "__main__":

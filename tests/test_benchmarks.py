@@ -34,3 +34,19 @@ def test_cross_entropy_benchmark_writes_every_row_and_plot(tmp_path):
     for r in rows:
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]), r
     assert (tmp_path / "p_cpu_gbps.png").stat().st_size > 0 and (tmp_path / "p_cpu_peak_mib.png").stat().st_size > 0
+
+
+def test_linear_benchmark_appends_rows(tmp_path):
+    out = tmp_path / "linear.csv"
+    script = SCRIPT.with_name("bench_linear_cross_entropy.py")
+    args = ["--device", "cpu", "--n", "64", "--hidden", "16", "--classes", "300", "--dtypes", "fp32,bf16"]
+    args += ["--reps", "3", "--providers", "fused,matmul+torch", "--csv", str(out), "--note", "test run"]
+    for _ in range(2):  # a second run appends below the first, one header
+        result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 * 2 * 2  # runs x dtypes x providers
+    assert {r["provider"] for r in rows} == {"fused", "matmul+torch"} and {r["note"] for r in rows} == {"test run"}
+    for r in rows:
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]), r
+        assert json.loads(r["machine"])["threads"] >= 1
