@@ -20,10 +20,9 @@ namespace {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
 // Gradients of kMinMapped bytes and more get their own mapping; the last kCachedMappings freed (up
 // to kMaxCached bytes together) are kept for the next gradients that fit them. A training loop's
-// fresh N x C gradient each step would otherwise be written page by page: its first-touch faults
-// cost more than the arithmetic (130 ms of a 500 MB gradient's ~200 ms here), and glibc returns
-// such blocks to the system now and then (a 2.6 MB gradient at 65536 x 10 fp32 faulted in anew
-// every few steps: 0.5 ms added to a 0.5 ms step). A few slots, so that two losses per step (or a
+// fresh N x C gradient each step would otherwise be written page by page, its first-touch faults
+// costing more than the arithmetic, and glibc returns such blocks to the system now and then, so a
+// small one is faulted in anew every few steps (docs/decisions.md). A few slots, so that two losses per step (or a
 // training and an evaluation batch) of different sizes each keep theirs. Like CUDA's caching
 // allocator, at the price of holding those mappings between steps. Mappings of 32 MiB and more also
 // ask for transparent huge pages (THP "madvise" mode, Linux's default): 512x fewer faults on first use.

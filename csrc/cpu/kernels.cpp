@@ -51,8 +51,8 @@ int64_t grain_rows(int64_t C) {
 }
 
 // Checks the class indices (the message names the first bad one); returns how many rows are
-// ignored. Branch-free, so it vectorizes: a check per row and a separate count for 'mean' took
-// 0.05 ms of the forward's 0.41 at 65536 x 10.
+// ignored. Branch-free, so it vectorizes (a check per row and a separate count for 'mean' were a
+// tenth of the small-C forward).
 int64_t check_target_range_cpu(const at::Tensor& target64, int64_t C, int64_t ignore_index) {
   const int64_t* y = target64.const_data_ptr<int64_t>();
   const int64_t N = target64.numel();

@@ -25,8 +25,7 @@ namespace {
 using at::vec::Vectorized;
 
 // Inlines everything a function calls (the vector exp included): the compiler kept ATen's exp_u20
-// out of line in the small-C block loops, a call per class (fused fwd+bwd at 65536 x 10: 0.56 ms
-// without, 0.52 with).
+// out of line in the small-C block loops, a call per class (docs/decisions.md, small C).
 #if defined(__GNUC__)
 #define FUSED_SOFTMAX_FLATTEN __attribute__((flatten))
 #else
@@ -183,8 +182,8 @@ inline void copy_transposed(const From* src, int64_t src_stride, To* dst, int64_
 #if defined(CPU_CAPABILITY_AVX512)
 // Transposes 16 x 16 floats held a row per register (r[i] lane j <-> r[j] lane i): the small-C
 // blocks' transpositions, both ways. Four rounds of 16 shuffles, each swapping ever larger pieces:
-// single lanes of row pairs, lane pairs of row quads, then 128-bit quarters twice. A round trip of
-// 65536 x 10 floats took 0.16 ms this way, 0.34 through 4 x 4 tiles in memory (copy_transposed).
+// single lanes of row pairs, lane pairs of row quads, then 128-bit quarters twice: half the time of
+// 4 x 4 tiles through memory (copy_transposed; docs/decisions.md, small C).
 inline void transpose_16x16(__m512 (&r)[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: rows i and i + 1 interleaved lane by lane
