@@ -105,6 +105,23 @@ struct Probabilities {
   }
 };
 
+// The part of a row's target mass q_c that is spread over classes: q_c = w_c * (a * t_c + b), with t
+// the probability row (none for class indices, whose single target class is added separately), w
+// the class weights (nullptr for all ones), a = 1 - eps and b = eps / C. at(c) is class c's; the CPU
+// kernels read it a vector at a time (spread_at in cpu/vec_helpers.h).
+template <typename acc_t, typename scalar_t>
+struct SpreadMass {
+  Probabilities<acc_t, scalar_t> t;
+  const acc_t* w;
+  acc_t a;
+  acc_t b;
+
+  C10_HOST_DEVICE acc_t at(int64_t c) const {
+    const acc_t q = t ? a * t.visit([c](const auto* e) { return static_cast<acc_t>(e[c]); }) + b : b;
+    return w ? q * w[c] : q;
+  }
+};
+
 // The probabilities of p's target (none for class indices).
 template <typename acc_t, typename scalar_t>
 Probabilities<acc_t, scalar_t> probabilities_of(const PreparedArgs& p) {

@@ -52,7 +52,7 @@ struct Problem {
   bool has_spread() const { return static_cast<bool>(t) || eps > 0; }
   bool ignored(int64_t i) const { return y && y[i] == ignore_index; }
   acc_t target_coef(int64_t cls) const { return (1 - eps) * (w ? w[cls] : acc_t(1)); }
-  // Row i's spread mass at x's columns (q.at(j) is class col0 + j).
+  // Row i's spread mass at x's columns (lane j of spread_at(q, j, n) is class col0 + j).
   SpreadMass<acc_t, scalar_t> spread(int64_t i) const {
     return {t + (i * t_stride + col0), w ? w + col0 : nullptr, 1 - eps, eps / static_cast<acc_t>(classes)};
   }

@@ -71,7 +71,7 @@ inline void Problem<scalar_t>::forward_row(int64_t i, acc_t m, acc_t* loss, RowS
       block_exp += Vec::set(zero, ej, n);
       if (e) ej.store(e + j, n);
       if (spread_on) {
-        const Vec qj = q.at(j, n);
+        const Vec qj = spread_at(q, j, n);
         block_mass += qj;
         block_dot = at::vec::fmadd(qj, xm, block_dot);
       }
@@ -114,7 +114,7 @@ inline void Problem<scalar_t>::backward_row(
     for (int64_t b = 0; b < classes; b += kSumBlock) {
       Vec block_mass(0);
       const int64_t end = std::min(b + kSumBlock, classes);
-      for (int64_t j = b; j < end; j += K) block_mass += whole.at(j, std::min(K, end - j));
+      for (int64_t j = b; j < end; j += K) block_mass += spread_at(whole, j, std::min(K, end - j));
       mass += sum_lanes(block_mass);
     }
     S = static_cast<acc_t>(mass);
@@ -145,7 +145,7 @@ inline void Problem<scalar_t>::backward_row(
     } else {
       d = vexp(xj - max) * scale;
     }
-    if (spread_on) d = d - vg * q.at(j, n);
+    if (spread_on) d = d - vg * spread_at(q, j, n);
     if constexpr (kTransformed) d = d * transform.slope(xj);
     if (stream_grad && n == K) {
       stream(dx + j, d);

@@ -314,25 +314,15 @@ struct Transform {
   acc_t slope(acc_t x) const { return identity ? acc_t(1) : first_lane(slope(Vec(x))); }
 };
 
-// The part of a row's target mass q_c that is spread over classes:
-// q_c = w_c * (a * t_c + b), with t the probability row (none for class
-// indices, whose single target class is added separately) and w the class
-// weights (nullptr for all ones).
+// Lanes [j, j + n) of a row's spread target mass (SpreadMass in ../cross_entropy.h); 0 past them.
 template <typename acc_t, typename scalar_t>
-struct SpreadMass {
-  Probabilities<acc_t, scalar_t> t;
-  const acc_t* w;
-  acc_t a;
-  acc_t b;
-
-  Vectorized<acc_t> at(int64_t j, int64_t n) const {
-    using Vec = Vectorized<acc_t>;
-    Vec q(b);
-    if (t) q = at::vec::fmadd(Vec(a), t.visit([&](const auto* e) { return load<acc_t>(e + j, n); }), q);
-    if (w) q = q * load<acc_t>(w + j, n);
-    return Vec::set(Vec(0), q, n);  // lanes past the row carry no mass
-  }
-};
+inline Vectorized<acc_t> spread_at(const SpreadMass<acc_t, scalar_t>& q, int64_t j, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec m(q.b);
+  if (q.t) m = at::vec::fmadd(Vec(q.a), q.t.visit([&](const auto* e) { return load<acc_t>(e + j, n); }), m);
+  if (q.w) m = m * load<acc_t>(q.w + j, n);
+  return Vec::set(Vec(0), m, n);  // lanes past the row carry no mass
+}
 
 // Calls f(j, n) for the vectors of a row of C elements: full ones (n a compile-time K, so the
 // partial-load and lane masks fold away in the hot loop), then one partial tail (n < K).

@@ -67,20 +67,6 @@ __device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> s, RowSta
   return s;
 }
 
-// The spread part of a row's target mass: w_c * (a * t_c + b); no t for class indices
-// (whose target class is added separately), w == nullptr for all ones.
-template <typename scalar_t, typename acc_t>
-struct SpreadMass {
-  Probabilities<acc_t, scalar_t> t;
-  const acc_t* w;
-  acc_t a;
-  acc_t b;
-  __device__ __forceinline__ acc_t at(int64_t c) const {
-    const acc_t q = t ? a * t.visit([c](const auto* e) { return static_cast<acc_t>(e[c]); }) + b : b;
-    return w ? q * w[c] : q;
-  }
-};
-
 template <typename scalar_t, typename acc_t>
 struct KernelArgs {
   const scalar_t* x;
@@ -131,7 +117,7 @@ __device__ __forceinline__ acc_t slope(const KernelArgs<scalar_t, acc_t>& a, acc
 // Per-row target description shared by both kernels.
 template <typename scalar_t, typename acc_t>
 struct RowTarget {
-  SpreadMass<scalar_t, acc_t> spread;
+  SpreadMass<acc_t, scalar_t> spread;
   bool has_spread;   // the target puts mass on (possibly) every class
   bool ignored;      // index == ignore_index
   int64_t y;         // the target class of an index row, else -1
