@@ -20,8 +20,7 @@ namespace {
 // class probabilities rather than class indices.
 // classes: the row's class count, input.size(1) unless input is a block of the classes.
 bool check_cross_entropy_args(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double label_smoothing,
-    int64_t classes) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t classes) {
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -33,9 +32,6 @@ bool check_cross_entropy_args(
   TORCH_CHECK(
       target.device() == input.device(), "fused_softmax: target: expected a tensor on ", input.device(),
       " like input, got one on ", target.device());
-  TORCH_CHECK(
-      label_smoothing >= 0.0 && label_smoothing <= 1.0,
-      "fused_softmax: label_smoothing: expected a value in [0, 1], got ", label_smoothing);
 
   bool probabilities = false;
   const auto tdtype = target.scalar_type();
@@ -98,12 +94,20 @@ void check_backward_args(
       input.device(), ", got ", stats.scalar_type(), " of shape ", shape_of(stats), " on ", stats.device());
 }
 
-LogitOptions with_mean_z_loss(LogitOptions options, double divisor, int64_t rows_kept) {
+LossOptions with_mean_z_loss(LossOptions options, double divisor, int64_t rows_kept) {
   if (options.z_loss > 0 && rows_kept > 0) options.z_loss *= divisor / static_cast<double>(rows_kept);
   return options;
 }
 
-LogitOptions check_options(const at::Tensor& input, double logit_scale, double softcap, double z_loss) {
+LossOptions check_options(
+    const at::Tensor& input, int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale,
+    double softcap, double z_loss) {
+  TORCH_CHECK(
+      label_smoothing >= 0.0 && label_smoothing <= 1.0,
+      "fused_softmax: label_smoothing: expected a value in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(
+      reduction == kNone || reduction == kMean || reduction == kSum,
+      "fused_softmax: reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   TORCH_CHECK(
       std::isfinite(logit_scale) && logit_scale > 0, "fused_softmax: logit_scale: expected a finite value > 0, got ",
       logit_scale);
@@ -124,7 +128,7 @@ LogitOptions check_options(const at::Tensor& input, double logit_scale, double s
         softcap == 0 || fits(softcap), "fused_softmax: softcap: ", softcap, " is outside [", lowest, ", ", highest,
         "], the float32 range in which ", input.scalar_type(), " logits are computed");
   }
-  return {logit_scale, softcap, z_loss};
+  return {ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss};
 }
 
 at::ScalarType accumulate_type(at::ScalarType input_dtype) {
@@ -132,11 +136,8 @@ at::ScalarType accumulate_type(at::ScalarType input_dtype) {
 }
 
 PreparedArgs prepare_args(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double label_smoothing,
-    int64_t reduction, int64_t class_start, int64_t num_classes) {
-  TORCH_CHECK(
-      reduction == kNone || reduction == kMean || reduction == kSum,
-      "fused_softmax: reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t class_start,
+    int64_t num_classes) {
   PreparedArgs p;
   const int64_t columns = input.dim() == 2 ? input.size(1) : 0;  // a wrong dim is reported below
   p.class_start = class_start;
@@ -144,7 +145,7 @@ PreparedArgs prepare_args(
   TORCH_CHECK(
       class_start >= 0 && class_start + columns <= p.num_classes, "fused_softmax: class_start, num_classes: input's ",
       columns, " columns starting at class ", class_start, " must lie within the ", p.num_classes, " classes");
-  p.probabilities = check_cross_entropy_args(input, target, weight, label_smoothing, p.num_classes);
+  p.probabilities = check_cross_entropy_args(input, target, weight, p.num_classes);
   p.input = input.stride(1) == 1 ? input : input.contiguous();
   if (p.probabilities) {
     p.target = target.stride(1) == 1 ? target : target.contiguous();

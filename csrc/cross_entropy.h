@@ -41,28 +41,34 @@
 
 namespace fused_softmax {
 
-// What the kernels do beyond torch's cross-entropy (see the comment above).
-struct LogitOptions {
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };  // as at::Reduction
+
+// The loss's options (the comment above says what each does), checked once at each op's boundary
+// and passed down whole to both backends' kernels.
+struct LossOptions {
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  int64_t reduction = kMean;
   double logit_scale = 1.0;
   double softcap = 0.0;  // 0: none
   double z_loss = 0.0;
 };
 
-// Checks the options for input's dtype (whose accumulation dtype must hold them); the message names the
-// bad one.
-LogitOptions check_options(const at::Tensor& input, double logit_scale, double softcap, double z_loss);
+// The ops' options, checked for input's dtype (whose accumulation dtype must hold the scale and
+// cap); the message names the bad one.
+LossOptions check_options(
+    const at::Tensor& input, int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale,
+    double softcap, double z_loss);
 
 // The z-loss is a per-row regulariser of the lse: 'mean' divides it by the rows not ignored, as
 // Liger-Kernel and flash-attn do, while the cross-entropy is divided by D = sum of w[y_i] over those
 // rows. Both go through the one divisor D when z_loss is scaled by D / rows_kept (1 without class
 // weights or with probabilities). Returns the options the kernels use for a 'mean' loss.
-LogitOptions with_mean_z_loss(LogitOptions options, double divisor, int64_t rows_kept);
+LossOptions with_mean_z_loss(LossOptions options, double divisor, int64_t rows_kept);
 
 // Extra checks of the backward op's own inputs.
 void check_backward_args(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& stats, int64_t reduction);
-
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };  // as at::Reduction
 
 // The accumulation dtype: float32 for float16/bfloat16/float32, float64 for float64.
 at::ScalarType accumulate_type(at::ScalarType input_dtype);
@@ -78,8 +84,8 @@ struct PreparedArgs {
 };
 
 PreparedArgs prepare_args(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double label_smoothing,
-    int64_t reduction, int64_t class_start = 0, int64_t num_classes = 0);
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t class_start = 0,
+    int64_t num_classes = 0);
 
 // Class probabilities as both kernels read them: in the logits' dtype (scalar_t), or in float32
 // (acc_t) for 16-bit logits, read as they are (rounded to 16 bits, a few rows' losses lost digits
@@ -135,7 +141,7 @@ Probabilities<acc_t, scalar_t> probabilities_of(const PreparedArgs& p) {
 // names: the rows (x, x_stride, C, and for a block of classes col0 and classes), the target (class
 // indices y, or probabilities t with t_stride), the weights w, ignore_index, eps, z_loss.
 template <typename scalar_t, typename acc_t, typename Args>
-void fill_kernel_args(Args& a, const PreparedArgs& p, int64_t ignore_index, double label_smoothing, double z_loss) {
+void fill_kernel_args(Args& a, const PreparedArgs& p, const LossOptions& o) {
   a.x = p.input.const_data_ptr<scalar_t>();
   a.x_stride = p.input.stride(0);
   a.C = p.input.size(1);
@@ -148,9 +154,9 @@ void fill_kernel_args(Args& a, const PreparedArgs& p, int64_t ignore_index, doub
     a.y = p.target.const_data_ptr<int64_t>();
   }
   a.w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
-  a.ignore_index = ignore_index;
-  a.eps = static_cast<acc_t>(label_smoothing);
-  a.z_loss = static_cast<acc_t>(z_loss);
+  a.ignore_index = o.ignore_index;
+  a.eps = static_cast<acc_t>(o.label_smoothing);
+  a.z_loss = static_cast<acc_t>(o.z_loss);
 }
 
 // Returns the CPU kernel's cached gradient memory (the last large gradient's mapping, kept for the

@@ -21,49 +21,61 @@ c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+// The ops through the dispatcher, the options unpacked into their schema's arguments.
+using FwdSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, int64_t, double, double,
+    double);
+
 std::tuple<at::Tensor, at::Tensor> call_fwd(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  static const auto op = typed_op<decltype(call_fwd)>("fused_softmax::cross_entropy_fwd");
-  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, const LossOptions& o) {
+  static const auto op = typed_op<FwdSignature>("fused_softmax::cross_entropy_fwd");
+  return op.call(
+      input, target, weight, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap, o.z_loss);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd_grad(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  static const auto op = typed_op<decltype(call_fwd_grad)>("fused_softmax::cross_entropy_fwd_grad");
-  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, const LossOptions& o) {
+  static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, int64_t, double, double,
+      double)>("fused_softmax::cross_entropy_fwd_grad");
+  return op.call(
+      input, target, weight, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap, o.z_loss);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_fwd_inplace(
-    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  static const auto op = typed_op<decltype(call_fwd_inplace)>("fused_softmax::cross_entropy_fwd_inplace");
-  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, const LossOptions& o) {
+  static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
+      at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, int64_t, double, double,
+      double)>("fused_softmax::cross_entropy_fwd_inplace");
+  return op.call(
+      input, target, weight, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap, o.z_loss);
 }
 
 at::Tensor call_bwd(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
-    int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    const std::optional<at::Tensor>& weight, const at::Tensor& stats, const LossOptions& o) {
   static const auto op = typed_op<at::Tensor(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
       int64_t, double, int64_t, double, double, double, int64_t, int64_t)>("fused_softmax::cross_entropy_bwd");
   return op.call(
-      grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss,
-      /*class_start=*/0, /*num_classes=*/0);
+      grad_loss, input, target, weight, stats, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap,
+      o.z_loss, /*class_start=*/0, /*num_classes=*/0);
 }
 
-// The non-tensor arguments, kept in ctx->saved_data.
-void save_options(
-    AutogradContext* ctx, int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale,
-    double softcap, double z_loss) {
-  ctx->saved_data["ignore_index"] = ignore_index;
-  ctx->saved_data["label_smoothing"] = label_smoothing;
-  ctx->saved_data["reduction"] = reduction;
-  ctx->saved_data["logit_scale"] = logit_scale;
-  ctx->saved_data["softcap"] = softcap;
-  ctx->saved_data["z_loss"] = z_loss;
+// The options, kept in ctx->saved_data (which holds IValues), and back.
+void save_options(AutogradContext* ctx, const LossOptions& o) {
+  ctx->saved_data["ignore_index"] = o.ignore_index;
+  ctx->saved_data["label_smoothing"] = o.label_smoothing;
+  ctx->saved_data["reduction"] = o.reduction;
+  ctx->saved_data["logit_scale"] = o.logit_scale;
+  ctx->saved_data["softcap"] = o.softcap;
+  ctx->saved_data["z_loss"] = o.z_loss;
+}
+
+LossOptions saved_options(AutogradContext* ctx) {
+  auto& d = ctx->saved_data;
+  return {d["ignore_index"].toInt(),   d["label_smoothing"].toDouble(), d["reduction"].toInt(),
+          d["logit_scale"].toDouble(), d["softcap"].toDouble(),         d["z_loss"].toDouble()};
 }
 
 // Whether t is being traced (torch.compile's fake tensors, or a Python dispatch mode is active): then
@@ -107,21 +119,18 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
  public:
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-      int64_t ignore_index, double label_smoothing, int64_t reduction, double logit_scale, double softcap,
-      double z_loss, bool form_grad) {
+      const LossOptions& options, bool form_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels below see plain tensors
     at::Tensor loss, stats;
     if (form_grad) {
       at::Tensor grad;
-      std::tie(loss, stats, grad) =
-          call_fwd_grad(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+      std::tie(loss, stats, grad) = call_fwd_grad(input, target, weight, options);
       ctx->saved_data["formed_grad"] = grad;  // not a saved variable: backward hands it over
     } else {
-      std::tie(loss, stats) =
-          call_fwd(input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+      std::tie(loss, stats) = call_fwd(input, target, weight, options);
     }
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), stats});
-    save_options(ctx, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    save_options(ctx, options);
     ctx->mark_non_differentiable({stats});  // stats serve backward; they are not a result to train on
     ctx->set_materialize_grads(false);      // so no zero gradient is allocated for stats
     return {loss, stats};
@@ -133,14 +142,9 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     const at::Tensor& target = saved[1];
     const std::optional<at::Tensor> weight = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
     const at::Tensor& stats = saved[3];
-    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    const double eps = ctx->saved_data["label_smoothing"].toDouble();
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const double logit_scale = ctx->saved_data["logit_scale"].toDouble();
-    const double softcap = ctx->saved_data["softcap"].toDouble();
-    const double z_loss = ctx->saved_data["z_loss"].toDouble();
+    const LossOptions o = saved_options(ctx);
     const at::Tensor& grad_loss = grads[0];
-    variable_list out(10);  // one per forward argument; only input and target have gradients
+    variable_list out(5);  // one per forward argument; only input and target have gradients
     if (!grad_loss.defined()) return out;
     // create_graph=True: the gradients must be differentiable (a gradient penalty, gradgradcheck). The
     // backward op then goes through its own autograd (fused_softmax/_ops.py), and nothing formed for
@@ -162,21 +166,20 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
       formed_grad.reset();  // freed first: the recomputed gradient takes its memory, the peak stays one gradient
       std::optional<at::AutoDispatchBelowADInplaceOrView> plain;  // no graph wanted: skip the op's autograd
       if (!create_graph) plain.emplace();
-      out[0] =
-          call_bwd(grad_loss, input, target, weight, stats, ignore_index, eps, reduction, logit_scale, softcap, z_loss);
+      out[0] = call_bwd(grad_loss, input, target, weight, stats, o);
     }
     if (ctx->needs_input_grad(1)) {
       // Probability targets: d loss_i / d t_ic = (1 - eps) * w_c * (lse_i - x_ic), lse - x = log_sum - (x - max),
       // x the logits as the softmax saw them. With create_graph the lse is recomputed from the logits, so
       // that this gradient's own gradient reaches them.
-      at::Tensor x = input.to(stats.scalar_type()) * logit_scale;
-      if (softcap > 0) x = at::where(at::isneginf(x), x, at::tanh(x / softcap) * softcap);
+      at::Tensor x = input.to(stats.scalar_type()) * o.logit_scale;
+      if (o.softcap > 0) x = at::where(at::isneginf(x), x, at::tanh(x / o.softcap) * o.softcap);
       at::Tensor lse_minus_x = create_graph ? at::logsumexp(x, 1, /*keepdim=*/true) - x
                                             : stats.select(1, 1).unsqueeze(1) - (x - stats.select(1, 0).unsqueeze(1));
       at::Tensor g = grad_loss.to(stats.scalar_type());  // per row, or one value for a reduced loss
-      if (reduction == kNone) g = g.unsqueeze(1);
-      if (reduction == kMean) g = g / static_cast<double>(input.size(0));  // probabilities: mean over rows
-      at::Tensor scale = g * (1 - eps);
+      if (o.reduction == kNone) g = g.unsqueeze(1);
+      if (o.reduction == kMean) g = g / static_cast<double>(input.size(0));  // probabilities: mean over rows
+      at::Tensor scale = g * (1 - o.label_smoothing);
       if (weight) scale = scale * weight->to(stats.scalar_type());
       out[1] = (scale * lse_minus_x).to(target.scalar_type());
     }
@@ -197,15 +200,13 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
  public:
   static variable_list forward(
       AutogradContext* ctx, at::Tensor whole, at::Tensor rows, const at::Tensor& target,
-      const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing, int64_t reduction,
-      double logit_scale, double softcap, double z_loss) {
+      const std::optional<at::Tensor>& weight, const LossOptions& options) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const int64_t num_rows = rows.size(0), num_classes = rows.size(1);
-    auto [loss, stats] =
-        call_fwd_inplace(rows, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+    auto [loss, stats] = call_fwd_inplace(rows, target, weight, options);
     ctx->mark_dirty({whole});
     ctx->save_for_backward({whole});  // now the gradient
-    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["reduction"] = options.reduction;
     ctx->saved_data["num_rows"] = num_rows;
     ctx->saved_data["num_classes"] = num_classes;
     ctx->saved_data["used"] = false;
@@ -228,7 +229,7 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
         "fused_softmax: inplace_backward=True: second derivatives (backward with create_graph=True) need the "
         "logits, which the forward overwrote with their gradient; use inplace_backward=False");
     ctx->saved_data["used"] = true;
-    variable_list out(11);  // one per forward argument; only whole has a gradient (rows are in it)
+    variable_list out(5);  // one per forward argument; only whole has a gradient (rows are in it)
     const at::Tensor& grad_loss = grads[1];
     if (!grad_loss.defined()) return out;
     const at::Tensor whole = ctx->get_saved_variables()[0];
@@ -241,13 +242,13 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_autograd(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+  const LossOptions options{ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss};
   // On the CPU the gradient is formed during the forward when one will be needed. Not on CUDA, where
   // the two kernels cost the same either way and scaling by an unknown grad_loss would add a pass,
   // nor while tracing (the traced graph keeps forward and backward apart).
   const bool form_grad =
       at::GradMode::is_enabled() && input.requires_grad() && input.device().is_cpu() && !traced(input);
-  auto out = CrossEntropyFunction::apply(
-      input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, form_grad);
+  auto out = CrossEntropyFunction::apply(input, target, weight, options, form_grad);
   return {out[0], out[1]};
 }
 
@@ -258,11 +259,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_autograd(
       !target.requires_grad(),
       "fused_softmax: target: inplace_backward=True gives no gradient for probability targets; pass "
       "target.detach()");
+  const LossOptions options{ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss};
   if (!at::GradMode::is_enabled() || !input.requires_grad()) {  // no graph: a plain in-place op
     auto out = [&] {
       at::AutoDispatchBelowADInplaceOrView guard;
-      return call_fwd_inplace(
-          input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+      return call_fwd_inplace(input, target, weight, options);
     }();
     input.unsafeGetTensorImpl()->bump_version();  // as an in-place op does: saved copies of input see it
     return out;
@@ -276,8 +277,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_autograd(
       !(whole.retains_grad() && whole.output_nr() != 0),
       "fused_softmax: input: inplace_backward=True cannot keep retain_grad() on logits that are output ",
       whole.output_nr(), " of the op that made them");
-  auto out = CrossEntropyInplaceFunction::apply(
-      whole, input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  auto out = CrossEntropyInplaceFunction::apply(whole, input, target, weight, options);
   return {out[1], out[2]};
 }
 

@@ -91,36 +91,36 @@ const Level& level_in_use() {
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
-  auto [loss, stats, _] =
-      kernels().forward(input, target, weight, ignore_index, label_smoothing, reduction, options, GradTo::kNowhere);
+  const LossOptions options =
+      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  auto [loss, stats, _] = kernels().forward(input, target, weight, options, GradTo::kNowhere);
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cpu(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
-  auto [loss, stats, _] =
-      kernels().forward(input, target, weight, ignore_index, label_smoothing, reduction, options, GradTo::kInput);
+  const LossOptions options =
+      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  auto [loss, stats, _] = kernels().forward(input, target, weight, options, GradTo::kInput);
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
-  return kernels().forward(input, target, weight, ignore_index, label_smoothing, reduction, options, GradTo::kNew);
+  const LossOptions options =
+      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  return kernels().forward(input, target, weight, options, GradTo::kNew);
 }
 
 at::Tensor cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
     int64_t reduction, double logit_scale, double softcap, double z_loss, int64_t class_start, int64_t num_classes) {
-  const LogitOptions options = check_options(input, logit_scale, softcap, z_loss);
-  return kernels().backward(
-      grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, options, class_start,
-      num_classes);
+  const LossOptions options =
+      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  return kernels().backward(grad_loss, input, target, weight, stats, options, class_start, num_classes);
 }
 
 }  // namespace

@@ -72,11 +72,10 @@ int64_t check_target_range_cpu(const at::Tensor& target64, int64_t C, int64_t ig
 }
 
 template <typename scalar_t>
-Problem<scalar_t> make_problem(
-    const PreparedArgs& p, int64_t ignore_index, double label_smoothing, const LogitOptions& o) {
+Problem<scalar_t> make_problem(const PreparedArgs& p, const LossOptions& o) {
   using acc_t = at::opmath_type<scalar_t>;
   Problem<scalar_t> P{};
-  fill_kernel_args<scalar_t, acc_t>(P, p, ignore_index, label_smoothing, o.z_loss);
+  fill_kernel_args<scalar_t, acc_t>(P, p, o);
   P.transform = {
       static_cast<acc_t>(o.logit_scale), static_cast<acc_t>(o.softcap), o.logit_scale == 1.0 && o.softcap == 0.0};
   const acc_t w_sum = P.w ? std::accumulate(P.w, P.w + P.classes, acc_t(0)) : static_cast<acc_t>(P.classes);
@@ -128,20 +127,21 @@ double mean_divisor_cpu(const PreparedArgs& p, int64_t ignore_index, int64_t ign
 struct CpuArgs {
   PreparedArgs p;
   double divisor;
-  LogitOptions options;
+  LossOptions options;
 };
 
 // The shared preparation plus the CPU's own check of the class indices (the CUDA kernels assert on the
 // device instead: no host sync), and the divisor of 'mean'.
 CpuArgs prepare_args_cpu(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, LogitOptions options, int64_t class_start = 0, int64_t num_classes = 0) {
-  PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
-  const int64_t ignored_rows = p.probabilities ? 0 : check_target_range_cpu(p.target, p.num_classes, ignore_index);
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, LossOptions options,
+    int64_t class_start = 0, int64_t num_classes = 0) {
+  PreparedArgs p = prepare_args(input, target, weight, class_start, num_classes);
+  const int64_t ignored_rows =
+      p.probabilities ? 0 : check_target_range_cpu(p.target, p.num_classes, options.ignore_index);
   double divisor = 1.0;
-  if (reduction == kMean) {
+  if (options.reduction == kMean) {
     AT_DISPATCH_FLOATING_TYPES(accumulate_type(p.input.scalar_type()), "prepare_args_cpu", [&] {
-      divisor = mean_divisor_cpu<scalar_t>(p, ignore_index, ignored_rows);
+      divisor = mean_divisor_cpu<scalar_t>(p, options.ignore_index, ignored_rows);
     });
     options = with_mean_z_loss(options, divisor, p.input.size(0) - ignored_rows);
   }
@@ -150,9 +150,10 @@ CpuArgs prepare_args_cpu(
 
 // This level's ForwardFn (kernels.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, const LogitOptions& options, GradTo grad_to) {
-  const CpuArgs args = prepare_args_cpu(input_, target_, weight_, ignore_index, label_smoothing, reduction, options);
+    const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+    const LossOptions& options, GradTo grad_to) {
+  const CpuArgs args = prepare_args_cpu(input_, target_, weight_, options);
+  const int64_t reduction = options.reduction;
   const PreparedArgs& p = args.p;
   const double divisor = args.divisor;
   TORCH_CHECK(
@@ -171,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Problem<scalar_t> P = make_problem<scalar_t>(p, ignore_index, label_smoothing, args.options);
+    Problem<scalar_t> P = make_problem<scalar_t>(p, args.options);
     P.stream_grad = grad_to == GradTo::kNew && static_cast<int64_t>(grad.nbytes()) >= kMinStreamedBytes;
     acc_t* loss_out = loss.data_ptr<acc_t>();
     auto* stats_out = reinterpret_cast<RowStats<acc_t>*>(stats.data_ptr<acc_t>());
@@ -191,10 +192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 // This level's BackwardFn (kernels.h).
 at::Tensor backward(
     const at::Tensor& grad_loss_, const at::Tensor& input_, const at::Tensor& target_,
-    const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, int64_t ignore_index, double label_smoothing,
-    int64_t reduction, const LogitOptions& options, int64_t class_start, int64_t num_classes) {
-  const CpuArgs args = prepare_args_cpu(
-      input_, target_, weight_, ignore_index, label_smoothing, reduction, options, class_start, num_classes);
+    const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, const LossOptions& options, int64_t class_start,
+    int64_t num_classes) {
+  const int64_t reduction = options.reduction;
+  const CpuArgs args = prepare_args_cpu(input_, target_, weight_, options, class_start, num_classes);
   const PreparedArgs& p = args.p;
   const double divisor = args.divisor;
   check_backward_args(grad_loss_, p.input, stats_, reduction);
@@ -208,7 +209,7 @@ at::Tensor backward(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Problem<scalar_t> P = make_problem<scalar_t>(p, ignore_index, label_smoothing, args.options);
+    Problem<scalar_t> P = make_problem<scalar_t>(p, args.options);
     P.stream_grad = static_cast<int64_t>(grad.nbytes()) >= kMinStreamedBytes;
     // Row i's grad_loss is g[i * g_stride]; a reduced loss spreads one value over every row.
     const acc_t* g = grad_loss.const_data_ptr<acc_t>();

@@ -19,14 +19,14 @@ enum class GradTo { kNowhere, kInput, kNew };
 // The forward; with a gradient, each chunk of rows' gradient is written right after the chunk's
 // forward, while its rows are still in cache. Returns (loss, stats, grad or undefined).
 using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, const LogitOptions& options, GradTo grad_to);
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const LossOptions& options, GradTo grad_to);
 
 // cross_entropy_bwd (see csrc/register.cpp), with the options checked.
 using BackwardFn = at::Tensor (*)(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
-    int64_t reduction, const LogitOptions& options, int64_t class_start, int64_t num_classes);
+    const std::optional<at::Tensor>& weight, const at::Tensor& stats, const LossOptions& options, int64_t class_start,
+    int64_t num_classes);
 
 // One level's kernels.
 struct Kernels {

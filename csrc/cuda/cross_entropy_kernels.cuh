@@ -267,10 +267,10 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
 
 template <typename scalar_t, typename Launcher>
 KernelArgs<scalar_t, at::opmath_type<scalar_t>> kernel_args(
-    const Launcher& launch, const PreparedArgs& p, int64_t ignore_index, double eps, const LogitOptions& o) {
+    const Launcher& launch, const PreparedArgs& p, const LossOptions& o) {
   using acc_t = at::opmath_type<scalar_t>;
   KernelArgs<scalar_t, acc_t> a{};
-  fill_kernel_args<scalar_t, acc_t>(a, p, ignore_index, eps, o.z_loss);
+  fill_kernel_args<scalar_t, acc_t>(a, p, o);
   a.N = p.input.size(0);
   a.transformed = o.logit_scale != 1.0 || o.softcap != 0.0;
   a.scale = static_cast<acc_t>(o.logit_scale);
@@ -321,11 +321,10 @@ inline at::Tensor mean_divisor(const PreparedArgs& p, int64_t ignore_index, at::
 
 // The options the kernels use (with_mean_z_loss). D is a device tensor here: one host sync, only for a
 // z-loss with class weights under 'mean' (otherwise D is the number of rows kept, and the scale 1).
-inline LogitOptions kernel_options(
-    const LogitOptions& options, const PreparedArgs& p, int64_t ignore_index, int64_t reduction) {
-  if (reduction != kMean || options.z_loss == 0 || !p.weight.defined() || p.probabilities) return options;
-  const at::Tensor kept = (p.target != ignore_index).sum().to(at::kDouble);
-  const at::Tensor both = at::stack({mean_divisor(p, ignore_index, at::kDouble), kept}).cpu();
+inline LossOptions kernel_options(const LossOptions& options, const PreparedArgs& p) {
+  if (options.reduction != kMean || options.z_loss == 0 || !p.weight.defined() || p.probabilities) return options;
+  const at::Tensor kept = (p.target != options.ignore_index).sum().to(at::kDouble);
+  const at::Tensor both = at::stack({mean_divisor(p, options.ignore_index, at::kDouble), kept}).cpu();
   return with_mean_z_loss(options, both[0].item<double>(), both[1].item<int64_t>());
 }
 
@@ -333,20 +332,19 @@ inline LogitOptions kernel_options(
 template <typename Launcher>
 void launch_bwd(
     const Launcher& launch, const PreparedArgs& p, const at::Tensor& grad_loss, const at::Tensor& stats,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, const LogitOptions& options,
-    const at::Tensor& dx) {
+    const LossOptions& options, const at::Tensor& dx) {
   const int64_t N = p.input.size(0);
   const auto acc = accumulate_type(p.input.scalar_type());
   // Row i's grad_loss is g[i * g_stride]; a reduced loss spreads one value over every row (stride 0).
   at::Tensor g = grad_loss.to(acc);
-  if (reduction == kMean) g = g / mean_divisor(p, ignore_index, acc);
-  if (reduction != kNone) g = g.expand({N});
+  if (options.reduction == kMean) g = g / mean_divisor(p, options.ignore_index, acc);
+  if (options.reduction != kNone) g = g.expand({N});
   const at::Tensor stats_c = stats.contiguous();
   // Only backward needs sum(weight); it stays on the device (no host synchronisation).
   const at::Tensor weight_sum = p.weight.defined() ? p.weight.sum() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto a = kernel_args<scalar_t>(launch, p, ignore_index, label_smoothing, options);
+    auto a = kernel_args<scalar_t>(launch, p, options);
     a.stats = stats_c.const_data_ptr<acc_t>();
     if (weight_sum.defined()) a.w_sum = weight_sum.const_data_ptr<acc_t>();
     a.g = g.const_data_ptr<acc_t>();
@@ -357,9 +355,7 @@ void launch_bwd(
 }
 
 template <typename Launcher>
-std::tuple<at::Tensor, at::Tensor> forward(
-    const Launcher& launch, const PreparedArgs& p, int64_t ignore_index, double label_smoothing, int64_t reduction,
-    const LogitOptions& options) {
+std::tuple<at::Tensor, at::Tensor> forward(const Launcher& launch, const PreparedArgs& p, const LossOptions& options) {
   const int64_t N = p.input.size(0);
   const auto acc = accumulate_type(p.input.scalar_type());
   at::Tensor loss = at::empty({N}, p.input.options().dtype(acc));
@@ -369,25 +365,24 @@ std::tuple<at::Tensor, at::Tensor> forward(
       using acc_t = at::opmath_type<scalar_t>;
       auto kernel = [](auto threads, auto plain) { return &cross_entropy_fwd_kernel<scalar_t, threads(), plain()>; };
       launch_for_classes(
-          launch, kernel, kernel_args<scalar_t>(launch, p, ignore_index, label_smoothing, options),
-          loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+          launch, kernel, kernel_args<scalar_t>(launch, p, options), loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
     });
   }
-  if (reduction == kNone) return {loss, stats};
+  if (options.reduction == kNone) return {loss, stats};
   at::Tensor total = loss.sum();  // a deterministic tree reduction, no atomics
-  return {reduction == kMean ? total / mean_divisor(p, ignore_index, acc) : total, stats};  // 0/0 = nan
+  return {options.reduction == kMean ? total / mean_divisor(p, options.ignore_index, acc) : total, stats};  // 0/0 = nan
 }
 
 // The forward, then the backward for grad_loss = 1 into dx. Each kernel reads the rows once.
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> forward_and_unit_grad(
-    const Launcher& launch, const PreparedArgs& p, int64_t ignore_index, double label_smoothing, int64_t reduction,
-    const LogitOptions& options, const at::Tensor& dx) {
-  auto result = forward(launch, p, ignore_index, label_smoothing, reduction, options);
+    const Launcher& launch, const PreparedArgs& p, const LossOptions& options, const at::Tensor& dx) {
+  auto result = forward(launch, p, options);
   if (p.input.size(0) > 0) {
     const auto options_f = p.input.options().dtype(at::kFloat);
-    const at::Tensor unit = reduction == kNone ? at::ones({p.input.size(0)}, options_f) : at::ones({}, options_f);
-    launch_bwd(launch, p, unit, std::get<1>(result), ignore_index, label_smoothing, reduction, options, dx);
+    const at::Tensor unit =
+        options.reduction == kNone ? at::ones({p.input.size(0)}, options_f) : at::ones({}, options_f);
+    launch_bwd(launch, p, unit, std::get<1>(result), options, dx);
   }
   return result;
 }
@@ -400,10 +395,11 @@ template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);  // checks devices first
-  const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
-  return forward(Launcher(input), p, ignore_index, label_smoothing, reduction, options);
+  const LossOptions checked =
+      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  const PreparedArgs p = prepare_args(input, target, weight);  // checks devices first
+  const LossOptions options = kernel_options(checked, p);
+  return forward(Launcher(input), p, options);
 }
 
 // The in-place op: the backward's writes land where it has just read.
@@ -411,26 +407,28 @@ template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_on(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
-  const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
+  const LossOptions checked =
+      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  const PreparedArgs p = prepare_args(input, target, weight);
+  const LossOptions options = kernel_options(checked, p);
   TORCH_CHECK(
       p.input.is_same(input) && input.is_contiguous(),
       "fused_softmax: input: the in-place gradient needs contiguous (rows, classes) logits, got strides ",
       input.strides());
-  return forward_and_unit_grad(Launcher(input), p, ignore_index, label_smoothing, reduction, options, input);
+  return forward_and_unit_grad(Launcher(input), p, options, input);
 }
 
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
-  const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight, label_smoothing, reduction);
-  const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
+  const LossOptions checked =
+      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  const PreparedArgs p = prepare_args(input, target, weight);
+  const LossOptions options = kernel_options(checked, p);
   const Launcher launch(input);
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
-  auto [loss, stats] = forward_and_unit_grad(launch, p, ignore_index, label_smoothing, reduction, options, grad);
+  auto [loss, stats] = forward_and_unit_grad(launch, p, options, grad);
   return {loss, stats, grad};
 }
 
@@ -439,15 +437,15 @@ at::Tensor cross_entropy_bwd_on(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index, double label_smoothing,
     int64_t reduction, double logit_scale, double softcap, double z_loss, int64_t class_start, int64_t num_classes) {
-  const LogitOptions checked = check_options(input, logit_scale, softcap, z_loss);
+  const LossOptions checked =
+      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
   const PreparedArgs p =  // checks devices first
-      prepare_args(input, target, weight, label_smoothing, reduction, class_start, num_classes);
-  const LogitOptions options = kernel_options(checked, p, ignore_index, reduction);
+      prepare_args(input, target, weight, class_start, num_classes);
+  const LossOptions options = kernel_options(checked, p);
   check_backward_args(grad_loss, p.input, stats, reduction);
   const Launcher launch(input);
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
-  if (p.input.size(0) > 0)
-    launch_bwd(launch, p, grad_loss, stats, ignore_index, label_smoothing, reduction, options, grad);
+  if (p.input.size(0) > 0) launch_bwd(launch, p, grad_loss, stats, options, grad);
   return grad;
 }
 
