@@ -1,8 +1,9 @@
 """Fashion-MNIST: finding, downloading and reading the four IDX files into tensors.
 
-The files are looked for, in order, in --data-dir, $FASHION_MNIST_DIR, the per-user cache
-(~/.cache/fused_softmax/fashion-mnist, where --download puts them) and where Debian's
-package dataset-fashion-mnist installs them. Each may be gzipped or raw.
+The files are read from --data-dir when it is given (and nowhere else); otherwise they are looked
+for, in order, in $FASHION_MNIST_DIR, the per-user cache (~/.cache/fused_softmax/fashion-mnist,
+where --download puts them) and where Debian's package dataset-fashion-mnist installs them. Each
+may be gzipped or raw.
 """
 
 from __future__ import annotations
@@ -53,11 +54,10 @@ def cache_dir() -> Path:
     return Path(base) / "fused_softmax" / "fashion-mnist"
 
 
-def search_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    dirs = [Path(data_dir)] if data_dir else []
-    if os.environ.get(ENV_VAR):
-        dirs.append(Path(os.environ[ENV_VAR]))
-    return dirs + [cache_dir(), DEBIAN_DIR]
+def search_dirs() -> list[Path]:
+    """Where the files are looked for without --data-dir, in order."""
+    env = [Path(os.environ[ENV_VAR])] if os.environ.get(ENV_VAR) else []
+    return env + [cache_dir(), DEBIAN_DIR]
 
 
 def _file_in(directory: Path, stem: str) -> Path | None:
@@ -69,18 +69,15 @@ def _file_in(directory: Path, stem: str) -> Path | None:
 
 def find(data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """The four files, from the first place that has all of them; from data_dir alone when it is given."""
-    if data_dir:  # an explicit folder is used or refused, never silently replaced by another
-        found = {key: _file_in(Path(data_dir), stem) for key, stem in FILES.items()}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
-        missing = ", ".join(stem for key, stem in FILES.items() if not found[key])
-        what = "does not exist" if not Path(data_dir).is_dir() else f"lacks {missing} (.gz or raw)"
-        raise DataError(f"--data-dir {data_dir} {what}")
-    for directory in search_dirs(data_dir):
+    for directory in [Path(data_dir)] if data_dir else search_dirs():
         found = {key: _file_in(directory, stem) for key, stem in FILES.items()}
         if all(found.values()):
             return found  # type: ignore[return-value]
-    places = "\n".join(f"  {d}" for d in search_dirs(data_dir))
+    if data_dir:  # an explicit folder is used or refused, never silently replaced by another
+        missing = ", ".join(stem for key, stem in FILES.items() if not found[key])
+        what = "does not exist" if not Path(data_dir).is_dir() else f"lacks {missing} (.gz or raw)"
+        raise DataError(f"--data-dir {data_dir} {what}")
+    places = "\n".join(f"  {d}" for d in search_dirs())
     raise DataError(
         "Fashion-MNIST not found. Looked for the four IDX files (gzipped or raw) in:\n"
         f"{places}\n"
