@@ -156,6 +156,17 @@ class PeakMemory:
         raise OSError(key)
 
 
+def append_row(path: Path, row: dict) -> None:
+    """Appends row to the CSV at path (its directory made, a header first in a new file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 def machine(device: str) -> dict:
     info = {
         "host_cpu": platform.processor() or platform.machine(),
@@ -214,18 +225,12 @@ def main() -> None:
     columns = ("dtype", "n", "c", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mib")
 
     path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     def record(*values) -> None:
         """Keeps a row, and writes it out at once: a run cut short (the GPU check's time limit) keeps
         the rows it measured."""
         row = dict(machine=json.dumps(info), time=stamp, device=device, **dict(zip(columns, values, strict=True)))
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_row(path, row)
         rows.append(row)
         if args.json:
             Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1))

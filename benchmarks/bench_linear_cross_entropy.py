@@ -10,7 +10,6 @@ untracked) with the machine and settings; benchmarks/results/linear_cross_entrop
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import statistics
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_cross_entropy import DTYPES, PeakMemory, Timer, machine
+from bench_cross_entropy import DTYPES, PeakMemory, Timer, append_row, machine
 
 import fused_softmax
 
@@ -43,9 +42,6 @@ def main() -> None:
     host = machine(args.device)
     print("machine:", host)
     path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["machine", "time", "device", "dtype", "n", "hidden", "c", "provider"]
-    fields += ["median_ms", "p20_ms", "p80_ms", "peak_mib", "note"]
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     providers = {
         "fused": lambda x, w, t: fused_softmax.linear_cross_entropy(x, w, t),
@@ -80,16 +76,12 @@ def main() -> None:
             base = base or (median, peak)
             print(f"  {provider:13} fwd+bwd {median:9.1f} ms (x{median / base[0]:.2f})   peak extra {peak:8.1f} MiB")
             p20, p80 = (statistics.quantiles(times, n=5)[i] for i in (0, 3)) if len(times) > 1 else (median, median)
-            new = not path.exists()
-            with path.open("a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                if new:
-                    writer.writeheader()
-                writer.writerow(
-                    dict(machine=json.dumps(host), time=when, device=args.device, dtype=name, n=args.n,
-                         hidden=args.hidden, c=args.classes, provider=provider, median_ms=median, p20_ms=p20,
-                         p80_ms=p80, peak_mib=peak, note=args.note)
-                )  # fmt: skip
+            append_row(
+                path,
+                dict(machine=json.dumps(host), time=when, device=args.device, dtype=name, n=args.n,
+                     hidden=args.hidden, c=args.classes, provider=provider, median_ms=median, p20_ms=p20,
+                     p80_ms=p80, peak_mib=peak, note=args.note),
+            )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -158,4 +158,20 @@ PreparedArgs prepare_args(
   return p;
 }
 
+PreparedArgs prepare_forward_args(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& predictions) {
+  PreparedArgs p = prepare_args(input, target, weight);
+  if (predictions.has_value() && predictions->defined()) {
+    const at::Tensor& out = *predictions;
+    TORCH_CHECK(
+        out.scalar_type() == at::kLong && out.dim() == 1 && out.size(0) == input.size(0) && out.is_contiguous() &&
+            out.device() == input.device(),
+        "fused_softmax: predictions: expected a contiguous int64 tensor of shape [", input.size(0), "] on ",
+        input.device(), ", got ", out.scalar_type(), " of shape ", shape_of(out), " on ", out.device());
+    p.predictions = out;
+  }
+  return p;
+}
+
 }  // namespace fused_softmax

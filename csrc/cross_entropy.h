@@ -20,6 +20,10 @@
 //              so padding never takes mass); dr = dx * s * (1 - (x / cap)^2).
 //   z_loss z:  loss[i] += z * lse[i]^2 (rows not ignored), the PaLM auxiliary
 //              term; its gradient 2 z lse[i] p[i, c] joins S: S[i] -> S[i] + 2 z lse[i].
+// With `predictions` (an int64 tensor of N elements) the forward also writes each row's
+// argmax of x, found in the pass that finds its max: the first class of the largest value, or of
+// the first NaN, as torch.argmax ranks them (ranks_above). It is the argmax of the logits as
+// given unless logit_scale or softcap round two of them to one value (then the first of those).
 // The ops also
 // reduce, as torch's nll_loss does (reduction: 0 none, 1 mean, 2 sum): 'mean'
 // divides the sum by D = sum of w[y_i] over the rows not ignored (class
@@ -73,6 +77,13 @@ void check_backward_args(
 // The accumulation dtype: float32 for float16/bfloat16/float32, float64 for float64.
 at::ScalarType accumulate_type(at::ScalarType input_dtype);
 
+// Whether value v ranks above `best` as torch.argmax ranks values: larger, or NaN where best is
+// not (NaN ranks above every number; between equals the first found stays).
+template <typename acc_t>
+C10_HOST_DEVICE inline bool ranks_above(acc_t v, acc_t best) {
+  return v > best || (v != v && best == best);  // v != v: v is NaN
+}
+
 // The arguments checked and laid out the way both kernels read them.
 struct PreparedArgs {
   at::Tensor input;       // rows with stride(1) == 1 (copied only when they were not)
@@ -81,11 +92,17 @@ struct PreparedArgs {
   bool probabilities;     // target holds class probabilities rather than indices
   int64_t class_start;    // input's columns are the classes [class_start, class_start + input.size(1))
   int64_t num_classes;    // of rows of this many classes (the backward op's column blocks; else input.size(1))
+  at::Tensor predictions;  // the forward's argmax per row (int64, contiguous), or undefined
 };
 
 PreparedArgs prepare_args(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t class_start = 0,
     int64_t num_classes = 0);
+
+// The forward ops' arguments, with the tensor that receives the predictions, if any (checked).
+PreparedArgs prepare_forward_args(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& predictions);
 
 // Class probabilities as both kernels read them: in the logits' dtype (scalar_t), or in float32
 // (acc_t) for 16-bit logits, read as they are (rounded to 16 bits, a few rows' losses lost digits
@@ -139,7 +156,7 @@ Probabilities<acc_t, scalar_t> probabilities_of(const PreparedArgs& p) {
 
 // Fills what the CPU kernel's Problem and the CUDA kernels' KernelArgs both hold, under the same
 // names: the rows (x, x_stride, C, and for a block of classes col0 and classes), the target (class
-// indices y, or probabilities t with t_stride), the weights w, ignore_index, eps, z_loss.
+// indices y, or probabilities t with t_stride), the weights w, ignore_index, eps, z_loss, predictions.
 template <typename scalar_t, typename acc_t, typename Args>
 void fill_kernel_args(Args& a, const PreparedArgs& p, const LossOptions& o) {
   a.x = p.input.const_data_ptr<scalar_t>();
@@ -157,6 +174,7 @@ void fill_kernel_args(Args& a, const PreparedArgs& p, const LossOptions& o) {
   a.ignore_index = o.ignore_index;
   a.eps = static_cast<acc_t>(o.label_smoothing);
   a.z_loss = static_cast<acc_t>(o.z_loss);
+  a.predictions = p.predictions.defined() ? p.predictions.data_ptr<int64_t>() : nullptr;
 }
 
 // Returns the CPU kernel's cached gradient memory (the last large gradient's mapping, kept for the

@@ -22,33 +22,40 @@ c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
 }
 
 // The ops through the dispatcher, the options unpacked into their schema's arguments.
-using FwdSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, int64_t, double, double,
-    double);
+// predictions: the forward ops' optional output of each row's argmax (csrc/register.cpp).
+using Predictions = std::optional<at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> call_fwd(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, const LossOptions& o) {
-  static const auto op = typed_op<FwdSignature>("fused_softmax::cross_entropy_fwd");
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, const LossOptions& o,
+    const Predictions& predictions) {
+  static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, int64_t, double, double,
+      double, const Predictions&)>("fused_softmax::cross_entropy_fwd");
   return op.call(
-      input, target, weight, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap, o.z_loss);
+      input, target, weight, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap, o.z_loss,
+      predictions);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd_grad(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, const LossOptions& o) {
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, const LossOptions& o,
+    const Predictions& predictions) {
   static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, int64_t, double, double,
-      double)>("fused_softmax::cross_entropy_fwd_grad");
+      double, const Predictions&)>("fused_softmax::cross_entropy_fwd_grad");
   return op.call(
-      input, target, weight, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap, o.z_loss);
+      input, target, weight, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap, o.z_loss,
+      predictions);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_fwd_inplace(
-    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, const LossOptions& o) {
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, const LossOptions& o,
+    const Predictions& predictions) {
   static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
       at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, int64_t, double, double,
-      double)>("fused_softmax::cross_entropy_fwd_inplace");
+      double, const Predictions&)>("fused_softmax::cross_entropy_fwd_inplace");
   return op.call(
-      input, target, weight, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap, o.z_loss);
+      input, target, weight, o.ignore_index, o.label_smoothing, o.reduction, o.logit_scale, o.softcap, o.z_loss,
+      predictions);
 }
 
 at::Tensor call_bwd(
@@ -119,15 +126,15 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
  public:
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-      const LossOptions& options, bool form_grad) {
+      const LossOptions& options, bool form_grad, const Predictions& predictions) {
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels below see plain tensors
     at::Tensor loss, stats;
     if (form_grad) {
       at::Tensor grad;
-      std::tie(loss, stats, grad) = call_fwd_grad(input, target, weight, options);
+      std::tie(loss, stats, grad) = call_fwd_grad(input, target, weight, options, predictions);
       ctx->saved_data["formed_grad"] = grad;  // not a saved variable: backward hands it over
     } else {
-      std::tie(loss, stats) = call_fwd(input, target, weight, options);
+      std::tie(loss, stats) = call_fwd(input, target, weight, options, predictions);
     }
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), stats});
     save_options(ctx, options);
@@ -144,7 +151,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     const at::Tensor& stats = saved[3];
     const LossOptions o = saved_options(ctx);
     const at::Tensor& grad_loss = grads[0];
-    variable_list out(5);  // one per forward argument; only input and target have gradients
+    variable_list out(6);  // one per forward argument; only input and target have gradients
     if (!grad_loss.defined()) return out;
     // create_graph=True: the gradients must be differentiable (a gradient penalty, gradgradcheck). The
     // backward op then goes through its own autograd (fused_softmax/_ops.py), and nothing formed for
@@ -200,10 +207,10 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
  public:
   static variable_list forward(
       AutogradContext* ctx, at::Tensor whole, at::Tensor rows, const at::Tensor& target,
-      const std::optional<at::Tensor>& weight, const LossOptions& options) {
+      const std::optional<at::Tensor>& weight, const LossOptions& options, const Predictions& predictions) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const int64_t num_rows = rows.size(0), num_classes = rows.size(1);
-    auto [loss, stats] = call_fwd_inplace(rows, target, weight, options);
+    auto [loss, stats] = call_fwd_inplace(rows, target, weight, options, predictions);
     ctx->mark_dirty({whole});
     ctx->save_for_backward({whole});  // now the gradient
     ctx->saved_data["reduction"] = options.reduction;
@@ -229,7 +236,7 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
         "fused_softmax: inplace_backward=True: second derivatives (backward with create_graph=True) need the "
         "logits, which the forward overwrote with their gradient; use inplace_backward=False");
     ctx->saved_data["used"] = true;
-    variable_list out(5);  // one per forward argument; only whole has a gradient (rows are in it)
+    variable_list out(6);  // one per forward argument; only whole has a gradient (rows are in it)
     const at::Tensor& grad_loss = grads[1];
     if (!grad_loss.defined()) return out;
     const at::Tensor whole = ctx->get_saved_variables()[0];
@@ -241,20 +248,22 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_autograd(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    const Predictions& predictions) {
   const LossOptions options{ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss};
   // On the CPU the gradient is formed during the forward when one will be needed. Not on CUDA, where
   // the two kernels cost the same either way and scaling by an unknown grad_loss would add a pass,
   // nor while tracing (the traced graph keeps forward and backward apart).
   const bool form_grad =
       at::GradMode::is_enabled() && input.requires_grad() && input.device().is_cpu() && !traced(input);
-  auto out = CrossEntropyFunction::apply(input, target, weight, options, form_grad);
+  auto out = CrossEntropyFunction::apply(input, target, weight, options, form_grad, predictions);
   return {out[0], out[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_autograd(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    const Predictions& predictions) {
   TORCH_CHECK(
       !target.requires_grad(),
       "fused_softmax: target: inplace_backward=True gives no gradient for probability targets; pass "
@@ -263,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_autograd(
   if (!at::GradMode::is_enabled() || !input.requires_grad()) {  // no graph: a plain in-place op
     auto out = [&] {
       at::AutoDispatchBelowADInplaceOrView guard;
-      return call_fwd_inplace(input, target, weight, options);
+      return call_fwd_inplace(input, target, weight, options, predictions);
     }();
     input.unsafeGetTensorImpl()->bump_version();  // as an in-place op does: saved copies of input see it
     return out;
@@ -277,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_autograd(
       !(whole.retains_grad() && whole.output_nr() != 0),
       "fused_softmax: input: inplace_backward=True cannot keep retain_grad() on logits that are output ",
       whole.output_nr(), " of the op that made them");
-  auto out = CrossEntropyInplaceFunction::apply(whole, input, target, weight, options);
+  auto out = CrossEntropyInplaceFunction::apply(whole, input, target, weight, options, predictions);
   return {out[1], out[2]};
 }
 

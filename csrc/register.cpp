@@ -10,10 +10,13 @@
 TORCH_LIBRARY(fused_softmax, m) {
   // The loss (per row for reduction 0, else 0-dim; in the accumulation dtype) and
   // the per-row statistics (max, log_sum) that backward needs; lse = max + log_sum.
-  // logit_scale, softcap and z_loss: see cross_entropy.h.
+  // logit_scale, softcap and z_loss: see cross_entropy.h. predictions (int64, one per row), when
+  // given, receives each row's argmax of the logits, found in the same pass as the max (the forward
+  // ops all take it).
   m.def(
       "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
-      "int reduction, float logit_scale=1., float softcap=0., float z_loss=0.) -> (Tensor loss, Tensor stats)");
+      "int reduction, float logit_scale=1., float softcap=0., float z_loss=0., Tensor(p!)? predictions=None) -> "
+      "(Tensor loss, Tensor stats)");
   // d(grad_loss . loss) / d input, in one pass over input. With class_start and num_classes, input
   // holds the classes [class_start, class_start + input.size(1)) of rows of num_classes classes
   // (0: input.size(1)): target, weight and stats describe the whole rows, the gradient is of the
@@ -26,15 +29,15 @@ TORCH_LIBRARY(fused_softmax, m) {
   // backward in one sweep, and no N x C allocation. input must have contiguous rows.
   m.def(
       "cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction, float logit_scale=1., float softcap=0., float z_loss=0.) "
-      "-> (Tensor loss, Tensor stats)");
+      "float label_smoothing, int reduction, float logit_scale=1., float softcap=0., float z_loss=0., "
+      "Tensor(p!)? predictions=None) -> (Tensor loss, Tensor stats)");
   // The forward that also returns d loss / d input (for grad_loss = 1) in a new tensor, formed while
   // each row is in cache: autograd's forward when input needs a gradient, on the CPU (its backward
   // then only scales it).
   m.def(
       "cross_entropy_fwd_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction, float logit_scale=1., float softcap=0., float z_loss=0.) "
-      "-> (Tensor loss, Tensor stats, Tensor grad)");
+      "float label_smoothing, int reduction, float logit_scale=1., float softcap=0., float z_loss=0., "
+      "Tensor(p!)? predictions=None) -> (Tensor loss, Tensor stats, Tensor grad)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

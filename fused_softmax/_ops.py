@@ -86,17 +86,19 @@ def forward(
     softcap: float = 0.0,
     z_loss: float = 0.0,
     inplace_backward: bool = False,
+    predictions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The loss of 2-D input (per row for 'none', else 0-dim) and the stats (max, log_sum) per row, in the
-    accumulation dtype; the loss is differentiable. inplace_backward: input's storage receives the gradient."""
-    args = (input, target, weight, ignore_index, label_smoothing, REDUCTIONS.index(reduction))
+    accumulation dtype; the loss is differentiable. inplace_backward: input's storage receives the gradient.
+    predictions: an int64 tensor of a value per row that receives each row's argmax (csrc/cross_entropy.h)."""
+    args = (input, target, weight, ignore_index, label_smoothing, REDUCTIONS.index(reduction), logit_scale, softcap)
     if _C is None or transformed(input, target):
         if inplace_backward:
-            return _reference_inplace(*args, logit_scale, softcap, z_loss)
-        return reference.forward_op(*args, logit_scale, softcap, z_loss)
+            return _reference_inplace(*args, z_loss, predictions)
+        return reference.forward_op(*args, z_loss, predictions)
     if inplace_backward:
-        return _FWD_INPLACE(*args, logit_scale, softcap, z_loss)
-    return _FWD(*args, logit_scale, softcap, z_loss)
+        return _FWD_INPLACE(*args, z_loss, predictions)
+    return _FWD(*args, z_loss, predictions)
 
 
 def transformed(first: Tensor, second: Tensor) -> bool:
@@ -130,9 +132,11 @@ class _ReferenceInplace(torch.autograd.Function):
     """The in-place contract in plain PyTorch (no compiled ops): the gradient replaces the logits."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss):
+    def forward(
+        ctx, input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, predictions
+    ):
         loss, stats = _reference_inplace_kernel(
-            input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss
+            input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, predictions
         )
         ctx.mark_dirty(input)
         ctx.mark_non_differentiable(stats)
@@ -146,13 +150,27 @@ class _ReferenceInplace(torch.autograd.Function):
             raise RuntimeError(INPLACE_CREATE_GRAPH)
         (grad,) = ctx.saved_tensors
         g = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
-        return (grad * g,) + (None,) * 8
+        return (grad * g,) + (None,) * 9
 
 
-def _reference_inplace_kernel(input, target, weight, ignore_index, label_smoothing, reduction, *options):
+def _reference_inplace_kernel(
+    input,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    logit_scale=1.0,
+    softcap=0.0,
+    z_loss=0.0,
+    predictions=None,
+):
     """The in-place op's contract: the forward's results, and input overwritten by d loss / d input."""
+    options = (logit_scale, softcap, z_loss)
     with torch.no_grad():
-        loss, stats = reference.forward_op(input, target, weight, ignore_index, label_smoothing, reduction, *options)
+        loss, stats = reference.forward_op(
+            input, target, weight, ignore_index, label_smoothing, reduction, *options, predictions
+        )
         unit = torch.ones_like(loss)
         input.copy_(
             reference.backward_op(
@@ -225,9 +243,28 @@ if _C is not None:
         torch._check(reduction in (0, 1, 2), lambda: f"fused_softmax: reduction: expected 0, 1 or 2, got {reduction}")
 
     @torch.library.register_fake("fused_softmax::cross_entropy_fwd")
-    def _fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction, *options):
-        _check_devices(input, target=target, weight=weight)
+    def _fwd_fake(
+        input,
+        target,
+        weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        logit_scale=1.0,
+        softcap=0.0,
+        z_loss=0.0,
+        predictions=None,
+    ):
+        _check_devices(input, target=target, weight=weight, predictions=predictions)
         _check_args(input, target, weight, label_smoothing, reduction)
+        if predictions is not None:
+            torch._check(
+                predictions.dtype == torch.int64 and predictions.shape == (input.shape[0],),
+                lambda: (
+                    f"fused_softmax: predictions: expected a contiguous int64 tensor of shape [{input.shape[0]}], "
+                    f"got {predictions.dtype} of shape {list(predictions.shape)}"
+                ),
+            )
         acc = accumulate_dtype(input.dtype)
         loss_shape = (input.shape[0],) if reduction == 0 else ()
         return input.new_empty(loss_shape, dtype=acc), input.new_empty((input.shape[0], 2), dtype=acc)
@@ -235,8 +272,8 @@ if _C is not None:
     torch.library.register_fake("fused_softmax::cross_entropy_fwd_inplace")(_fwd_fake)
 
     @torch.library.register_fake("fused_softmax::cross_entropy_fwd_grad")
-    def _fwd_grad_fake(input, *args):
-        return (*_fwd_fake(input, *args), input.new_empty(input.shape))
+    def _fwd_grad_fake(input, *args, **kwargs):
+        return (*_fwd_fake(input, *args, **kwargs), input.new_empty(input.shape))
 
     @torch.library.register_fake("fused_softmax::cross_entropy_bwd")
     def _bwd_fake(grad_loss, input, target, weight, stats, ignore_index, label_smoothing, reduction, *options):
@@ -289,18 +326,18 @@ if _C is not None:
     if not _C.cuda_built():  # CUDA tensors still work, through the reference math
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_fwd", "cuda")
-        def _fwd_cuda_fallback(*args):
+        def _fwd_cuda_fallback(*args, **kwargs):
             with torch.no_grad():
-                return reference.forward_op(*args)
+                return reference.forward_op(*args, **kwargs)
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_fwd_inplace", "cuda")
-        def _fwd_inplace_cuda_fallback(*args):
-            return _reference_inplace_kernel(*args)
+        def _fwd_inplace_cuda_fallback(*args, **kwargs):
+            return _reference_inplace_kernel(*args, **kwargs)
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_fwd_grad", "cuda")
-        def _fwd_grad_cuda_fallback(input, *args):
+        def _fwd_grad_cuda_fallback(input, *args, **kwargs):
             grad = input.detach().clone()
-            return (*_reference_inplace_kernel(grad, *args), grad)
+            return (*_reference_inplace_kernel(grad, *args, **kwargs), grad)
 
         @torch.library.register_kernel("fused_softmax::cross_entropy_bwd", "cuda")
         def _bwd_cuda_fallback(*args):

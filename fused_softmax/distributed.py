@@ -17,29 +17,46 @@ from torch import Tensor
 
 from . import _ops
 from ._shared import REDUCTIONS, accumulate_dtype, mean_divisor, mean_z_loss, transform
-from .functional import check_options, loss_dtype
+from .functional import CrossEntropyOutput, check_options, loss_dtype
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local, target, weight, group, ignore_index, label_smoothing, options):
+    def forward(ctx, local, target, weight, group, ignore_index, label_smoothing, options, predictions):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n, c_local = local.shape
         acc = accumulate_dtype(local.dtype)
         logit_scale, softcap, z_loss = options
-        # The slice's (max, log_sum) of the logits as the softmax sees them; every row "ignored": no target here.
+        # The slice's (max, log_sum) of the logits as the softmax sees them, and with predictions its argmax;
+        # every row "ignored": no target here.
+        local_best = local.new_empty((n,), dtype=torch.long) if predictions is not None else None
         if c_local > 0:
             nowhere = torch.full((n,), ignore_index, dtype=torch.long, device=local.device)
-            _, stats = _ops.forward(local.detach(), nowhere, None, ignore_index, 0.0, "none", logit_scale, softcap)
+            _, stats = _ops.forward(
+                local.detach(), nowhere, None, ignore_index, 0.0, "none", logit_scale, softcap, 0.0, False, local_best
+            )
         else:  # a rank may hold no classes: its slice adds nothing (max -inf), and the collectives still run
             stats = torch.tensor([float("-inf"), 0.0], dtype=acc, device=local.device).expand(n, 2)
-        # MAX all-reduce: the rows' global max, and each rank's slice width (-inf from the other ranks).
+        # MAX all-reduce: the rows' global max, each rank's slice width (-inf from the other ranks), and with
+        # predictions the best logit of every slice and whether any slice holds a NaN.
         widths = torch.full((world,), float("-inf"), dtype=acc, device=local.device)
         widths[rank] = c_local
-        maxed = torch.cat([stats[:, 0], widths])
+        parts = [stats[:, 0], widths]
+        if predictions is not None:
+            best = torch.full((n,), float("-inf"), dtype=acc, device=local.device)
+            if c_local > 0:
+                best = transform(local.detach().gather(1, local_best[:, None])[:, 0].to(acc), logit_scale, softcap)
+            parts += [torch.where(best.isnan(), float("-inf"), best), best.isnan().to(acc)]
+        maxed = torch.cat(parts)
         dist.all_reduce(maxed, dist.ReduceOp.MAX, group=group)
-        global_max, widths = maxed[:n], maxed[n:].long().tolist()
+        global_max, widths = maxed[:n], maxed[n : n + world].long().tolist()
         start, classes = sum(widths[:rank]), sum(widths)
+        if predictions is not None:  # the first class among the slices' best that rank first (NaN, then the max)
+            top, any_nan = maxed[n + world : 2 * n + world], maxed[2 * n + world :] > 0
+            wins = torch.where(any_nan, best.isnan(), best == top) & (c_local > 0)
+            first = torch.where(wins, start + (local_best if c_local > 0 else 0), classes).to(torch.long)
+            dist.all_reduce(first, dist.ReduceOp.MIN, group=group)
+            predictions.copy_(first)
         counted = target != ignore_index
         # The same check on every rank (same target, same widths): all raise together, none waits.
         if bool(((target < 0) | (target >= classes)).logical_and(counted).any()):
@@ -89,12 +106,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local, target, weight, stats = ctx.saved_tensors
         ignore_index, eps, options, start, classes = ctx.args
         if local.shape[1] == 0:
-            return torch.zeros_like(local), None, None, None, None, None, None
+            return torch.zeros_like(local), *(None,) * 7
         grad = _ops.backward(
             grad_loss.to(stats.dtype).contiguous(), local, target, weight, stats, ignore_index, eps, 0,
             *options, start, classes,
         )  # fmt: skip
-        return grad, None, None, None, None, None, None
+        return grad, *(None,) * 7
 
 
 def vocab_parallel_cross_entropy(
@@ -109,7 +126,8 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-) -> Tensor:
+    return_predictions: bool = False,
+) -> Tensor | CrossEntropyOutput:
     """Cross-entropy of logits split by class over the ranks of `group` (default: the world).
 
     local_logits: (N, C_r), this rank's contiguous slice of the classes, the slices in rank order
@@ -117,6 +135,8 @@ def vocab_parallel_cross_entropy(
     indices and weight: (C,) class weights of every class, the same on every rank. z_loss, softcap,
     logit_scale as in fused_softmax.cross_entropy. Returns what fused_softmax.cross_entropy returns
     on the gathered (N, C) logits, on every rank; the gradient is this rank's slice of its gradient.
+    return_predictions: return CrossEntropyOutput(loss, None, None, predictions), predictions each
+    row's argmax over all the classes (global indices, the same on every rank; one more all-reduce).
     """
     if not dist.is_initialized():
         raise RuntimeError("vocab_parallel_cross_entropy: torch.distributed is not initialized")
@@ -140,14 +160,16 @@ def vocab_parallel_cross_entropy(
     if reduction == "mean":  # the z-loss over the rows kept, the cross-entropy over D (mean_z_loss)
         z_loss = mean_z_loss(z_loss, target, weight, ignore_index, accumulate_dtype(local_logits.dtype))
     options = (float(logit_scale), float(softcap or 0.0), float(z_loss))
+    predictions = target.new_empty(target.shape) if return_predictions else None
     loss = _VocabParallelCrossEntropy.apply(
-        local_logits, target, weight, group, ignore_index, float(label_smoothing), options
+        local_logits, target, weight, group, ignore_index, float(label_smoothing), options, predictions
     )
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
         loss = loss.sum() / mean_divisor(target, weight, ignore_index, loss.dtype)
-    return loss.to(loss_dtype(local_logits))
+    loss = loss.to(loss_dtype(local_logits))
+    return CrossEntropyOutput(loss, None, None, predictions) if return_predictions else loss
 
 
 __all__ = ["vocab_parallel_cross_entropy"]

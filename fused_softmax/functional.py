@@ -12,16 +12,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _dtensor, _ops, reference
 from ._shared import REDUCTIONS, accumulate_dtype, as_dtype, as_index, probabilities_as_read
 
 
 class CrossEntropyOutput(NamedTuple):
-    """What cross_entropy returns when return_lse or return_z_loss asks for more than the loss."""
+    """What the losses return when return_lse, return_z_loss or return_predictions asks for more than the loss."""
 
     loss: Tensor
     lse: Tensor | None  # per-row log-sum-exp of the (scaled, capped) logits, float32 (float64 for float64)
     z_loss: Tensor | None  # the z-loss part of loss, reduced like it; detached, for logging
+    predictions: Tensor | None = None  # per-row argmax of the logits (int64), e.g. for token accuracy
 
 
 def cross_entropy(
@@ -39,6 +40,7 @@ def cross_entropy(
     logit_scale: float = 1.0,
     return_lse: bool = False,
     return_z_loss: bool = False,
+    return_predictions: bool = False,
     inplace_backward: bool = False,
 ) -> Tensor | CrossEntropyOutput:
     """Softmax cross-entropy between logits `input` and `target`, fused.
@@ -57,36 +59,65 @@ def cross_entropy(
         divides it by the rows not ignored, the cross-entropy by torch's divisor (class weights).
       softcap: the softmax sees softcap * tanh(logits / softcap) (Gemma 2); -inf logits stay -inf.
       logit_scale: the softmax sees logit_scale * logits (applied before softcap).
-      return_lse / return_z_loss: return CrossEntropyOutput(loss, lse, z_loss) instead of the loss.
+      return_lse / return_z_loss / return_predictions: return CrossEntropyOutput(loss, lse, z_loss,
+        predictions) instead of the loss. predictions: each row's predicted class (int64, shaped as a
+        'none' loss), the argmax of its logits found in the pass that finds their max, ties to the
+        first and NaN above all as torch.argmax; read before inplace_backward overwrites the logits.
+        (With logit_scale or softcap, of the logits as the softmax sees them.)
       inplace_backward: the forward also writes d loss / d input into input's own storage, so
         forward + backward allocate nothing of input's size; input then holds the gradient, not the
         logits. Needs (N, C) or (C,) contiguous logits that are not a leaf and are used by nothing
         else that autograd saved; only when a gradient is needed (else it is a plain forward).
+
+    DTensor input on a 1-D mesh (torch.distributed.tensor): sharded on the class dimension it takes the
+    vocab-parallel loss (no all-gather; the gradient is a DTensor placed as input), replicated or
+    batch-sharded the ordinary op per rank; the loss is a DTensor (see fused_softmax/_dtensor.py).
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     ignore_index = as_index(ignore_index)
+    if _dtensor.is_dtensor(input):  # see fused_softmax/_dtensor.py
+        if return_lse or return_z_loss or inplace_backward:
+            raise ValueError(
+                "cross_entropy: return_lse, return_z_loss and inplace_backward are not supported with DTensor input"
+            )
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"cross_entropy: reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        check_options("cross_entropy", z_loss, softcap, logit_scale)
+        return _dtensor.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+            return_predictions,
+        )  # fmt: skip
     rows, target_rows, rows_shape = _as_rows(input, target, reduction, label_smoothing, weight, ignore_index)
     check_options("cross_entropy", z_loss, softcap, logit_scale)
     inplace_backward = inplace_backward and torch.is_grad_enabled() and input.requires_grad
     if inplace_backward:
         _check_inplace(input)
+    predictions = found = None
+    if return_predictions:
+        if rows.shape[1] == 0:  # torch.argmax's error
+            raise IndexError("cross_entropy: return_predictions: input has 0 classes, no argmax")
+        if _ops.transformed(rows, target_rows):  # torch.func: no buffer to fill, the same argmax in torch ops
+            found = reference.row_argmax(rows, logit_scale, softcap or 0.0)
+        else:  # the op fills it
+            predictions = found = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
     if rows.shape[1] == 0:
         loss, stats = _no_classes(rows, target_rows, weight, ignore_index, label_smoothing, reduction, z_loss)
     else:
         loss, stats = _ops.forward(
             rows, target_rows, weight, ignore_index, label_smoothing, reduction,
-            float(logit_scale), float(softcap or 0.0), float(z_loss), inplace_backward,
+            float(logit_scale), float(softcap or 0.0), float(z_loss), inplace_backward, predictions,
         )  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(rows_shape)
     out_dtype = loss_dtype(input, target)
     loss = as_dtype(loss, out_dtype)  # 'mean' with every target ignored: 0 / 0 = nan, as in torch
-    if not (return_lse or return_z_loss):
+    if not (return_lse or return_z_loss or return_predictions):
         return loss
-    return with_lse_and_z_loss(
+    out = with_lse_and_z_loss(
         loss, stats, target_rows, weight, ignore_index, reduction, z_loss, rows_shape, return_lse, return_z_loss
     )
+    return out if found is None else out._replace(predictions=found.reshape(rows_shape))
 
 
 def with_lse_and_z_loss(
@@ -102,7 +133,7 @@ def with_lse_and_z_loss(
     return_z_loss: bool,
 ) -> CrossEntropyOutput:
     """The loss with what return_lse and return_z_loss ask for, from the op's per-row stats."""
-    lse = stats.sum(1)
+    lse = stats.sum(1) if return_lse or return_z_loss else None
     z_part = None
     if return_z_loss:
         counted = target_rows.is_floating_point() or target_rows != ignore_index

@@ -49,11 +49,13 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     return_lse: bool = False,
     return_z_loss: bool = False,
+    return_predictions: bool = False,
     options: object | None = None,
 ) -> Tensor | CrossEntropyOutput:
     """As torch.nn.functional.linear_cross_entropy (input (N, H) or (H,), linear_weight (C, H),
     linear_bias (C,)), without ever holding the (N, C) logits: rows go chunk_size at a time.
-    z_loss, softcap, logit_scale, return_lse and return_z_loss as in fused_softmax.cross_entropy.
+    z_loss, softcap, logit_scale, return_lse, return_z_loss and return_predictions as in
+    fused_softmax.cross_entropy (predictions: each row's argmax, found chunk by chunk as the loss is).
     A K-dimensional linear_weight (C, d1, ..., dK, H), gradients with respect to probability targets,
     and torch.func transforms take torch's reference path: the logits formed whole, then the fused loss.
     options: torch's LinearCrossEntropyOptions (torch >= 2.14); its batch_chunk_size is chunk_size, the
@@ -103,7 +105,7 @@ def linear_cross_entropy(
         return cross_entropy(
             logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, return_lse=return_lse,
-            return_z_loss=return_z_loss,
+            return_z_loss=return_z_loss, return_predictions=return_predictions,
         )  # fmt: skip
 
     device_type = input.device.type
@@ -143,6 +145,7 @@ def linear_cross_entropy(
         kernel_z_loss = mean_z_loss(z_loss, rows_target, weight, ignore_index, accumulate_dtype(input.dtype))
     chunk = chunk_size or _power_of_two_at_most(_CHUNK_BYTES // (max(1, linear_weight.shape[0]) * input.element_size()))
     out_dtype = loss_dtype(input, target)  # float32 under autocast, as its F.cross_entropy returns
+    predictions = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device) if return_predictions else None
     with torch.autocast(device_type, enabled=False):  # the chunks' matmuls in the dtype cast above
         loss, stats = _LinearCrossEntropy.apply(
             rows,
@@ -155,16 +158,18 @@ def linear_cross_entropy(
             REDUCTIONS.index(reduction),
             chunk,
             (float(logit_scale), float(softcap or 0.0), float(kernel_z_loss)),
+            predictions,
         )
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
     loss = as_dtype(loss, out_dtype)
-    if not (return_lse or return_z_loss):
+    if not (return_lse or return_z_loss or return_predictions):
         return loss
     rows_shape = rows.shape[:0] if unbatched else rows.shape[:1]
-    return with_lse_and_z_loss(
+    out = with_lse_and_z_loss(
         loss, stats, rows_target, weight, ignore_index, reduction, z_loss, rows_shape, return_lse, return_z_loss
     )
+    return out if predictions is None else out._replace(predictions=predictions.reshape(rows_shape))
 
 
 def _linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, buffer: Tensor) -> Tensor:
@@ -233,7 +238,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     backward through the same graph (retain_graph)."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, eps, reduction, chunk, options):
+    def forward(
+        ctx, input, linear_weight, linear_bias, target, weight, ignore_index, eps, reduction, chunk, options,
+        predictions,
+    ):  # fmt: skip
         n = input.shape[0]
         acc = accumulate_dtype(input.dtype)
         needs = tuple(ctx.needs_input_grad[:3])
@@ -256,14 +264,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
             logits = _linear(input[part], linear_weight, linear_bias, buffer)
+            chunk_predictions = None if predictions is None else predictions[part]
             if precompute:  # logits become d(sum of the chunk's losses) / d logits
                 losses[part], stats[part] = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
-                    logits, target[part], weight, ignore_index, eps, 0, *options
+                    logits, target[part], weight, ignore_index, eps, 0, *options, chunk_predictions
                 )
                 grads.add(part, logits, input, linear_weight)
             else:
                 losses[part], stats[part] = torch.ops.fused_softmax.cross_entropy_fwd(
-                    logits, target[part], weight, ignore_index, eps, 0, *options
+                    logits, target[part], weight, ignore_index, eps, 0, *options, chunk_predictions
                 )
         buffer = logits = None  # freed before the weight gradient's blocks
         saved = (input, linear_weight, linear_bias, target, weight, stats)
@@ -278,7 +287,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_stats):
-        no_grads = (None,) * 7
+        no_grads = (None,) * 8
         *saved, grad_divisor = ctx.saved_tensors
         input, linear_weight, linear_bias, target, weight, stats = saved
         needs = tuple(ctx.needs_input_grad[:3])

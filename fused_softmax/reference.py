@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._shared import REDUCTIONS, accumulate_dtype, mean_divisor, mean_z_loss, transform
 
-__all__ = ["REDUCTIONS", "accumulate_dtype", "backward_op", "forward_op", "row_stats", "transform"]
+__all__ = ["REDUCTIONS", "accumulate_dtype", "backward_op", "forward_op", "row_argmax", "row_stats", "transform"]
 
 
 def _target_mass(
@@ -47,8 +47,12 @@ def forward_op(
     logit_scale: float = 1.0,
     softcap: float = 0.0,
     z_loss: float = 0.0,
+    predictions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The forward op's contract: the loss (per row, or reduced) and stats (max, log_sum); differentiable."""
+    """The forward op's contract: the loss (per row, or reduced) and stats (max, log_sum); differentiable.
+    predictions, if given, receives each row's argmax of the logits as the softmax sees them."""
+    if predictions is not None:
+        predictions.copy_(row_argmax(input, logit_scale, softcap))
     if reduction == 1:
         z_loss = mean_z_loss(z_loss, target, weight, ignore_index, accumulate_dtype(input.dtype))
     rows, stats = cross_entropy_rows(input, target, weight, ignore_index, label_smoothing, logit_scale, softcap, z_loss)
@@ -56,6 +60,12 @@ def forward_op(
         return rows, stats
     total = rows.sum()
     return (total / mean_divisor(target, weight, ignore_index, rows.dtype) if reduction == 1 else total), stats
+
+
+def row_argmax(input: Tensor, logit_scale: float = 1.0, softcap: float = 0.0) -> Tensor:
+    """Each row's argmax of the logits as the softmax sees them (the ops' predictions)."""
+    with torch.no_grad():
+        return transform(input.to(accumulate_dtype(input.dtype)), logit_scale, softcap).argmax(1)
 
 
 def cross_entropy_rows(

@@ -241,14 +241,17 @@ def train(args: argparse.Namespace) -> list[dict]:
                 batch = order[i : i + args.batch_size]
                 mine = batch[ddp.rank :: ddp.world]  # this rank's disjoint share of the global batch
                 x, y = train_x[mine], train_y[mine]
-                if loss_fn is None:  # linear layer and loss in one op; logits only for the accuracy
-                    loss_sum = linear_cross_entropy(x, model.weight, y, linear_bias=model.bias, reduction="sum")
-                    with torch.no_grad():
-                        hits = (model(x).argmax(1) == y).sum()
+                if loss_fn is None:  # linear layer and loss in one op: the predictions come from it
+                    loss_sum, *_, predicted = linear_cross_entropy(
+                        x, model.weight, y, linear_bias=model.bias, reduction="sum", return_predictions=True
+                    )
+                elif args.loss == "fused-inplace":  # the predictions come from the loss, before the logits go
+                    loss_sum, *_, predicted = loss_fn(wrapped(x), y, reduction="sum", return_predictions=True)
                 else:
                     logits = wrapped(x)
-                    hits = (logits.argmax(1) == y).sum()  # before an in-place loss overwrites the logits
+                    predicted = logits.argmax(1)
                     loss_sum = loss_fn(logits, y, reduction="sum")
+                hits = (predicted == y).sum()
                 # DDP averages gradients over ranks, so each rank scales by world / global batch:
                 # the update is the single-process mean over the whole global batch.
                 optimizer.zero_grad(set_to_none=True)

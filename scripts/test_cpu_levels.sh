@@ -18,6 +18,6 @@ import fused_softmax
 assert fused_softmax.backend()['cpu'].endswith('($level)'), fused_softmax.backend()"
   FUSED_SOFTMAX_CPU_CAPABILITY=$level python -m pytest -q -p no:cacheprovider -x \
     test_cross_entropy.py test_bad_inputs.py test_degenerate_and_determinism.py test_properties.py \
-    test_options.py test_op_registration.py test_torch_samples.py test_large_and_cuda.py \
+    test_options.py test_op_registration.py test_torch_samples.py test_large_and_cuda.py test_predictions.py \
     -k "not 2_to_the_31 and not 2_to_the_30 and not compile" "$@"
 done

@@ -13,5 +13,5 @@ source ../.venv/bin/activate
 FUSED_SOFTMAX_CPU_RUNS_CUDA_KERNELS=1 python -m pytest -q -p no:cacheprovider -m "not cpu_kernel" \
   test_cross_entropy.py test_options.py test_degenerate_and_determinism.py test_linear.py test_properties.py \
   test_bad_inputs.py test_op_registration.py test_large_and_cuda.py test_distributed.py test_trainer.py \
-  test_torch_samples.py test_double_backward.py test_func_transforms.py \
+  test_torch_samples.py test_double_backward.py test_func_transforms.py test_predictions.py test_dtensor.py \
   -k "not 2_to_the_31 and not 2_to_the_30" "$@"

@@ -41,12 +41,18 @@ void diverged_barrier_kernel(float* out) {
 
 }  // namespace
 
+// The forward ops' arguments, predictions optional as in their schemas (csrc/register.cpp).
+#define FORWARD_ARGS                                                                                           \
+  py::arg("input"), py::arg("target"), py::arg("weight"), py::arg("ignore_index"), py::arg("label_smoothing"), \
+      py::arg("reduction"), py::arg("logit_scale"), py::arg("softcap"), py::arg("z_loss"),                     \
+      py::arg("predictions") = py::none()
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fused_softmax;
-  m.def("cross_entropy_fwd", &cross_entropy_fwd_on<HostLauncher>);
+  m.def("cross_entropy_fwd", &cross_entropy_fwd_on<HostLauncher>, FORWARD_ARGS);
   m.def("cross_entropy_bwd", &cross_entropy_bwd_on<HostLauncher>);
-  m.def("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_on<HostLauncher>);
-  m.def("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_on<HostLauncher>);
+  m.def("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_on<HostLauncher>, FORWARD_ARGS);
+  m.def("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_on<HostLauncher>, FORWARD_ARGS);
   m.def(
       "run_diverged",
       [](const std::string& which) {

@@ -50,3 +50,18 @@ def test_linear_benchmark_appends_rows(tmp_path):
     for r in rows:
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]), r
         assert json.loads(r["machine"])["threads"] >= 1
+
+
+def test_transformers_benchmark_appends_a_row_per_provider(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "transformers.csv"
+    script = SCRIPT.with_name("bench_transformers.py")
+    args = ["--device", "cpu", "--vocab", "500", "--tokens", "32", "--hidden", "32", "--layers", "1", "--reps", "3"]
+    result = subprocess.run([sys.executable, str(script), *args, "--csv", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    providers = ("transformers", "fused-loss", "fused-linear")
+    expected = [(dtype, provider) for dtype in ("fp32", "bf16-autocast") for provider in providers]
+    assert [(r["dtype"], r["provider"]) for r in rows] == expected
+    for r in rows:
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]), r

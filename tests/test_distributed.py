@@ -43,6 +43,19 @@ def problem(dtype: torch.dtype, case: dict, n: int = 23) -> tuple[torch.Tensor, 
     return logits, target, kwargs
 
 
+def awkward_logits(dtype: torch.dtype) -> torch.Tensor:
+    """Rows of 600 classes whose argmax is decided across the two ranks' slices of 300."""
+    logits = torch.randn(7, 600, generator=torch.Generator().manual_seed(3)).to(dtype)
+    logits[0] = float("-inf")  # every class: class 0
+    logits[1, [10, 310]] = 50  # a tie across the slices: the first
+    logits[2, [310, 320]] = 50  # a tie within rank 1's slice
+    logits[3, 400] = float("nan")  # NaN ranks above every number
+    logits[4, [20, 400]] = float("nan")
+    logits[5, 300:] = float("-inf")  # rank 1's slice all -inf
+    logits[6, :300] = float("-inf")
+    return logits
+
+
 def worker(rank: int, port: int, out_dir: str, backend: str, device: str) -> None:
     if os.environ.get("FUSED_SOFTMAX_CPU_RUNS_CUDA_KERNELS"):  # scripts/test_cuda_kernels_on_cpu.sh: here too
         import simulated_cuda
@@ -59,11 +72,20 @@ def worker(rank: int, port: int, out_dir: str, backend: str, device: str) -> Non
                 start = sum(widths[:rank])
                 local = logits[:, start : start + widths[rank]].to(device).requires_grad_()
                 kwargs = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in kwargs.items()}
-                loss = vocab_parallel_cross_entropy(local, target.to(device), **kwargs)
+                loss, _, _, predictions = vocab_parallel_cross_entropy(
+                    local, target.to(device), return_predictions=True, **kwargs
+                )
                 v = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
                 (loss.double() * v).sum().backward()
-                result = {"loss": loss.detach().cpu(), "grad": local.grad.cpu()}
+                result = {"loss": loss.detach().cpu(), "grad": local.grad.cpu(), "predictions": predictions.cpu()}
                 torch.save(result, os.path.join(out_dir, f"{rank}-{dtype}-{k}.pt"))
+            # Predictions where the ranks' slices tie, hold NaN or are all -inf.
+            logits = awkward_logits(dtype)
+            local = logits[:, rank * 300 : (rank + 1) * 300].to(device)
+            _, _, _, predictions = vocab_parallel_cross_entropy(
+                local, torch.zeros(len(logits), dtype=torch.long, device=device), return_predictions=True
+            )
+            torch.save(predictions.cpu(), os.path.join(out_dir, f"{rank}-{dtype}-predictions.pt"))
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -112,6 +134,9 @@ def test_two_ranks_match_the_gathered_logits(tmp_path, backend, device):
                 part = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
                 torch.testing.assert_close(got["grad"].double(), x64.grad[:, part], rtol=tol, atol=tol * 1e-2)
                 torch.testing.assert_close(got["grad"], x.grad[:, part], rtol=tol, atol=tol * 1e-2)
+                assert torch.equal(got["predictions"], x.detach().argmax(1))
+        for rank in range(WORLD):
+            assert torch.equal(torch.load(tmp_path / f"{rank}-{dtype}-predictions.pt"), awkward_logits(dtype).argmax(1))
 
 
 def test_needs_an_initialized_group():

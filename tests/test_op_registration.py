@@ -162,11 +162,14 @@ def test_fallback_without_compiled_kernels_warns_once_and_is_correct(tmp_path):
         opts = {"z_loss": 1e-2, "softcap": 3.0, "logit_scale": 1.5}
         h1, h2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
         a = fused_softmax.cross_entropy(h1 * 1.0, y, **opts)
-        b = fused_softmax.cross_entropy(h2 * 1.0, y, inplace_backward=True, **opts)
+        b, _, _, predictions = fused_softmax.cross_entropy(
+            h2 * 1.0, y, inplace_backward=True, return_predictions=True, **opts
+        )
         (2 * a).backward()
         (2 * b).backward()
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(h1.grad, h2.grad)
+        assert torch.equal(predictions, x.argmax(1))
         print("fallback ok")
         """
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import http.server
@@ -161,10 +162,19 @@ def test_train_writes_outputs_and_fused_matches_torch(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("loss", ["fused-inplace", "fused-linear"])
-def test_inplace_and_linear_losses_train_like_the_default(tmp_path, tiny, loss):
+def test_inplace_and_linear_losses_train_like_the_default(tmp_path, tiny, loss, monkeypatch):
+    """Their train accuracy comes from the loss's predictions (the logits are overwritten, or never
+    formed): the same as the default's, which takes the argmax of its logits."""
     common = ["--data-dir", str(tiny), "--epochs", "3", "--batch-size", "64"]
     default = run(*common, "--output-dir", str(tmp_path / "d"))
+    asked = []
+    for name in ("cross_entropy", "linear_cross_entropy"):
+        fn = getattr(train, name)
+        recorded = lambda *a, fn=fn, **k: asked.append(k.get("return_predictions")) or fn(*a, **k)  # noqa: E731
+        monkeypatch.setattr(train, name, recorded)
+    monkeypatch.setitem(train.LOSSES, "fused-inplace", functools.partial(train.cross_entropy, inplace_backward=True))
     other = run(*common, "--output-dir", str(tmp_path / "o"), "--loss", loss)
+    assert asked and all(asked), asked
     for a, b in zip(default, other, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
         assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"], (a, b)

@@ -90,28 +90,31 @@ const Level& level_in_use() {
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    const std::optional<at::Tensor>& predictions) {
   const LossOptions options =
       check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  auto [loss, stats, _] = kernels().forward(input, target, weight, options, GradTo::kNowhere);
+  auto [loss, stats, _] = kernels().forward(input, target, weight, predictions, options, GradTo::kNowhere);
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cpu(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    const std::optional<at::Tensor>& predictions) {
   const LossOptions options =
       check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  auto [loss, stats, _] = kernels().forward(input, target, weight, options, GradTo::kInput);
+  auto [loss, stats, _] = kernels().forward(input, target, weight, predictions, options, GradTo::kInput);
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    const std::optional<at::Tensor>& predictions) {
   const LossOptions options =
       check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  return kernels().forward(input, target, weight, options, GradTo::kNew);
+  return kernels().forward(input, target, weight, predictions, options, GradTo::kNew);
 }
 
 at::Tensor cross_entropy_bwd_cpu(

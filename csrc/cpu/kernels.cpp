@@ -132,10 +132,7 @@ struct CpuArgs {
 
 // The shared preparation plus the CPU's own check of the class indices (the CUDA kernels assert on the
 // device instead: no host sync), and the divisor of 'mean'.
-CpuArgs prepare_args_cpu(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, LossOptions options,
-    int64_t class_start = 0, int64_t num_classes = 0) {
-  PreparedArgs p = prepare_args(input, target, weight, class_start, num_classes);
+CpuArgs prepare_args_cpu(PreparedArgs p, LossOptions options) {
   const int64_t ignored_rows =
       p.probabilities ? 0 : check_target_range_cpu(p.target, p.num_classes, options.ignore_index);
   double divisor = 1.0;
@@ -151,8 +148,8 @@ CpuArgs prepare_args_cpu(
 // This level's ForwardFn (kernels.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
-    const LossOptions& options, GradTo grad_to) {
-  const CpuArgs args = prepare_args_cpu(input_, target_, weight_, options);
+    const std::optional<at::Tensor>& predictions, const LossOptions& options, GradTo grad_to) {
+  const CpuArgs args = prepare_args_cpu(prepare_forward_args(input_, target_, weight_, predictions), options);
   const int64_t reduction = options.reduction;
   const PreparedArgs& p = args.p;
   const double divisor = args.divisor;
@@ -195,7 +192,7 @@ at::Tensor backward(
     const std::optional<at::Tensor>& weight_, const at::Tensor& stats_, const LossOptions& options, int64_t class_start,
     int64_t num_classes) {
   const int64_t reduction = options.reduction;
-  const CpuArgs args = prepare_args_cpu(input_, target_, weight_, options, class_start, num_classes);
+  const CpuArgs args = prepare_args_cpu(prepare_args(input_, target_, weight_, class_start, num_classes), options);
   const PreparedArgs& p = args.p;
   const double divisor = args.divisor;
   check_backward_args(grad_loss_, p.input, stats_, reduction);

@@ -17,10 +17,11 @@ namespace fused_softmax::cpu {
 enum class GradTo { kNowhere, kInput, kNew };
 
 // The forward; with a gradient, each chunk of rows' gradient is written right after the chunk's
-// forward, while its rows are still in cache. Returns (loss, stats, grad or undefined).
+// forward, while its rows are still in cache; with predictions, each row's argmax goes there.
+// Returns (loss, stats, grad or undefined).
 using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const LossOptions& options, GradTo grad_to);
+    const std::optional<at::Tensor>& predictions, const LossOptions& options, GradTo grad_to);
 
 // cross_entropy_bwd (see csrc/register.cpp), with the options checked.
 using BackwardFn = at::Tensor (*)(

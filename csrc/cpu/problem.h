@@ -47,6 +47,7 @@ struct Problem {
   acc_t z_loss;
   acc_t spread_index_mass;  // an index row's spread mass, eps / C * sum(w)
   bool stream_grad;         // the row path writes the gradient with stream() (see kMinStreamedBytes)
+  int64_t* predictions;     // the forward's argmax per row (see cross_entropy.h), or nullptr
 
   bool small() const { return y && C <= kMaxSmallClasses && C == classes; }
   bool has_spread() const { return static_cast<bool>(t) || eps > 0; }
@@ -67,7 +68,17 @@ struct Problem {
 
   static double sum_lanes(const Vec& v);
 
+  // The max of r over columns [j, end) of a row (x before T).
+  acc_t max_of(const scalar_t* xi, int64_t j, int64_t end) const;
+
+  // The argmax is looked for this many classes at a time (row_max).
+  static constexpr int64_t kArgmaxChunk = 512;
+
+  // The row's max of x.
   acc_t row_max(const scalar_t* xi) const;
+
+  // The row's max of x, and its argmax into prediction (kept out of the loops that need no argmax).
+  acc_t row_max_and_argmax(const scalar_t* xi, int64_t* prediction) const;
 
   template <bool kTransformed>
   Vec logits(const scalar_t* xi, int64_t j, int64_t n) const;
@@ -164,7 +175,7 @@ struct Problem {
     std::unique_ptr<acc_t[]> e;
     if (dx && C * static_cast<int64_t>(sizeof(acc_t)) <= kMaxKeptExpBytes) e.reset(new acc_t[C]);
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t m = row_max(x + i * x_stride);
+      const acc_t m = predictions ? row_max_and_argmax(x + i * x_stride, predictions + i) : row_max(x + i * x_stride);
       transform.identity ? forward_row<false>(i, m, loss, stats, e.get())
                          : forward_row<true>(i, m, loss, stats, e.get());
       if (dx) backward_one_row(i, stats, unit_grad, dx, e.get());

@@ -17,25 +17,60 @@ inline double Problem<scalar_t>::sum_lanes(const Vec& v) {
 }
 
 template <typename scalar_t>
-inline auto Problem<scalar_t>::row_max(const scalar_t* xi) const
-    -> acc_t {  // T is monotone: the max of x is T(the max of r)
+inline auto Problem<scalar_t>::max_of(const scalar_t* xi, int64_t j, int64_t end) const -> acc_t {
   // Four running maxima: with one, every vector waited on the previous max (and its NaN check),
   // the forward's bottleneck at C = 1000. A max is exact, so the order changes no bit.
   constexpr acc_t kLowest = -std::numeric_limits<acc_t>::infinity();
   Vec m0(kLowest), m1(kLowest), m2(kLowest), m3(kLowest);
-  int64_t j = 0;
-  for (; j + 4 * K <= C; j += 4 * K) {
+  for (; j + 4 * K <= end; j += 4 * K) {
     m0 = at::vec::maximum(m0, load<acc_t>(xi + j, K));
     m1 = at::vec::maximum(m1, load<acc_t>(xi + j + K, K));
     m2 = at::vec::maximum(m2, load<acc_t>(xi + j + 2 * K, K));
     m3 = at::vec::maximum(m3, load<acc_t>(xi + j + 3 * K, K));
   }
   Vec m = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
-  for (; j < C; j += K) {
-    const int64_t n = std::min(K, C - j);
+  for (; j < end; j += K) {
+    const int64_t n = std::min(K, end - j);
     m = at::vec::maximum(m, Vec::set(m, load<acc_t>(xi + j, n), n));  // lanes past the row keep m
   }
-  return transform(at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m));
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+}
+
+// T is monotone: the max of x is T(the max of r).
+template <typename scalar_t>
+inline auto Problem<scalar_t>::row_max(const scalar_t* xi) const -> acc_t {
+  return transform(max_of(xi, 0, C));
+}
+
+// The argmax in the same pass: the max of each kArgmaxChunk classes, and the first chunk whose max
+// ranks above the earlier ones' (as torch.argmax ranks: larger, or NaN) holds the first class with
+// the row's max; only that chunk is read again, from cache. Compared as the softmax sees them (T(max
+// of r) is the chunk's max of x): ties that a softcap rounds together go to the first.
+template <typename scalar_t>
+C10_NOINLINE auto Problem<scalar_t>::row_max_and_argmax(const scalar_t* xi, int64_t* prediction) const -> acc_t {
+  acc_t best = -std::numeric_limits<acc_t>::infinity();
+  int64_t chunk = 0;
+  for (int64_t j = 0; j < C; j += kArgmaxChunk) {
+    const acc_t m = transform(max_of(xi, j, std::min(C, j + kArgmaxChunk)));
+    if (fused_softmax::ranks_above(m, best)) {  // the scalar one (cross_entropy.h)
+      best = m;
+      chunk = j;
+    }
+  }
+  // The chunk's first lane that holds best (or, for NaN, a NaN): a row of -inf gives class 0.
+  const int64_t end = std::min(C, chunk + kArgmaxChunk);
+  for (int64_t j = chunk; j < end; j += K) {
+    const int64_t n = std::min(K, end - j);
+    const Vec v = transform.identity ? load<acc_t>(xi + j, n) : transform(load<acc_t>(xi + j, n));
+    const Vec other = std::isnan(best) ? v == v : v != Vec(best);  // all ones where v is not best
+    const int here = other.zero_mask() & ((1 << n) - 1);  // bit k: lane k holds best (lanes past n: 0s loaded)
+    if (here != 0) {
+      *prediction = j + __builtin_ctz(here);
+      return best;
+    }
+  }
+  *prediction = end - 1;  // not reached: some lane of the chunk holds its max
+  return best;
 }
 
 // The logits of row i at columns [j, j + n) as the softmax sees them. kTransformed is a template

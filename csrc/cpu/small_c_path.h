@@ -86,10 +86,23 @@ FUSED_SOFTMAX_FLATTEN inline auto Problem<scalar_t>::forward_block(
   const acc_t spread = eps / static_cast<acc_t>(C);
   const Vec cls = Vec::loadu(b.cls);
   Vec m(-std::numeric_limits<acc_t>::infinity()), x_y(0), class_c(0);
+  // With predictions: each lane's best logit so far, as torch.argmax ranks them, and its class (m may
+  // drop a NaN, see block_max, so the best is kept apart).
+  Vec best(-std::numeric_limits<acc_t>::infinity()), arg(0);
   for (int64_t c = 0; c < C; ++c, class_c += Vec(1)) {
     const Vec xc = Vec::loadu(b.x + c * K);
     m = block_max(m, xc);
     x_y = where_equal(cls, class_c, xc, x_y);  // the target class's logit
+    if (predictions) {
+      const Vec above = ranks_above(xc, best);
+      best = Vec::blendv(best, xc, above);
+      arg = Vec::blendv(arg, class_c, above);
+    }
+  }
+  if (predictions) {
+    __at_align__ acc_t lanes[K];
+    arg.store(lanes);
+    for (int64_t r = 0; r < rows; ++r) predictions[i0 + r] = static_cast<int64_t>(lanes[r]);  // exact: c < 32
   }
   Vec sum_exp(0), mass(0), mass_dot(0);
   for (int64_t c = 0; c < C; ++c) {

@@ -267,6 +267,13 @@ inline Vectorized<acc_t> block_max(const Vectorized<acc_t>& m, const Vectorized<
   return at::vec::maximum(m, x);
 }
 
+// Lanes where x ranks above best as torch.argmax ranks values (ranks_above in ../cross_entropy.h):
+// larger, or NaN where best is not.
+template <typename acc_t>
+inline Vectorized<acc_t> ranks_above(const Vectorized<acc_t>& x, const Vectorized<acc_t>& best) {
+  return (x > best) | (x.isnan() & (best == best));
+}
+
 #if defined(CPU_CAPABILITY_AVX512)  // float lanes, chosen over the templates above
 inline Vectorized<float> where_equal(
     const Vectorized<float>& cls, const Vectorized<float>& c, const Vectorized<float>& a, const Vectorized<float>& b) {

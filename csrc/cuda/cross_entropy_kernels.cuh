@@ -49,12 +49,38 @@ __device__ __forceinline__ RowState<acc_t> shuffle_xor(const RowState<acc_t>& s,
       __shfl_xor_sync(0xffffffff, s.mass, offset), __shfl_xor_sync(0xffffffff, s.mass_dot, offset)};
 }
 
-// Merges the RowStates of a row's kThreads threads; every thread gets the result. Groups smaller
-// than a warp are aligned within it, so xor offsets below kThreads stay inside the group.
-template <int kThreads, typename acc_t>
-__device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> s, RowState<acc_t>* smem) {
+// A part of a row's argmax (the forward's predictions): its best logit as torch.argmax ranks them
+// (ranks_above in ../cross_entropy.h) and that logit's class; index -1 for no logit yet.
+template <typename acc_t>
+struct RowArgmax {
+  acc_t value;
+  int64_t index;
+
+  // A thread adds its classes in increasing order (for_each_pack): a tie keeps the first.
+  __device__ __forceinline__ void add(acc_t v, int64_t c) {
+    if (index < 0 || ranks_above(v, value)) {
+      value = v;
+      index = c;
+    }
+  }
+  // Another part's: the better logit, or between equal ones (or two NaNs) the lower class.
+  __device__ __forceinline__ void merge(const RowArgmax& o) {
+    if (o.index < 0) return;
+    const bool tie = o.value == value || (o.value != o.value && value != value);
+    if (index < 0 || ranks_above(o.value, value) || (tie && o.index < index)) *this = o;
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ RowArgmax<acc_t> shuffle_xor(const RowArgmax<acc_t>& s, int offset) {
+  return {__shfl_xor_sync(0xffffffff, s.value, offset), __shfl_xor_sync(0xffffffff, s.index, offset)};
+}
+
+// Merges the states (RowState, RowArgmax) of a row's kThreads threads; every thread gets the result.
+// Groups smaller than a warp are aligned within it, so xor offsets below kThreads stay inside the group.
+template <int kThreads, typename State>
+__device__ __forceinline__ State group_merge(State s, State* smem) {
   constexpr int kFirstOffset = (kThreads < kWarp ? kThreads : kWarp) / 2;
-  s = s.folded();  // the shuffles copy no compensation
   for (int offset = kFirstOffset; offset > 0; offset /= 2) s.merge(shuffle_xor(s, offset));
   if constexpr (kThreads > kWarp) {
     const int warp = threadIdx.x / kWarp;
@@ -86,6 +112,7 @@ struct KernelArgs {
   acc_t scale;           // logit_scale
   acc_t cap;             // softcap, 0 for none
   acc_t z_loss;
+  int64_t* predictions;  // forward: each row's argmax, or nullptr for none
   const acc_t* stats;    // backward: the forward's (max, log_sum) per row
   const acc_t* g;        // backward: grad_loss
   int64_t g_stride;      // 0 when autograd expanded one value
@@ -172,12 +199,14 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_fwd_ker
   constexpr int kVec = 16 / sizeof(scalar_t);
   constexpr int kRowsPerBlock = kBlock / kThreads;
   __shared__ RowState<acc_t> smem[kBlock / kWarp];
+  __shared__ RowArgmax<acc_t> argmax_smem[kBlock / kWarp];
   const int lane = threadIdx.x % kThreads;
   for (int64_t first = int64_t(blockIdx.x) * kRowsPerBlock; first < a.N; first += int64_t(gridDim.x) * kRowsPerBlock) {
     const auto [i, live] = group_row<kThreads>(first, a.N);
     const scalar_t* row = a.x + i * a.x_stride;
     const RowTarget<scalar_t, acc_t> target(a, i);
     RowState<acc_t> s{lowest<acc_t>(), 0, 0, 0};
+    RowArgmax<acc_t> argmax{0, -1};
     for_each_pack<kThreads, kVec>(row, a.C, lane, [&](int64_t col, const auto& pack) {
       constexpr int n = std::decay_t<decltype(pack)>::size;
       acc_t v[n];
@@ -188,8 +217,16 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) cross_entropy_fwd_ker
 #pragma unroll
         for (int k = 0; k < n; ++k) s.add_mass(target.spread.at(col + k), v[k]);
       }
+      if (a.predictions) {  // the same for the whole grid: no divergence
+#pragma unroll
+        for (int k = 0; k < n; ++k) argmax.add(v[k], col + k);
+      }
     });
-    s = group_merge<kThreads>(s, smem);
+    s = group_merge<kThreads>(s.folded(), smem);  // folded: the shuffles copy no compensation
+    if (a.predictions) {  // every thread of the block takes it (group_merge's barriers)
+      argmax = group_merge<kThreads>(argmax, argmax_smem);
+      if (lane == 0 && live) a.predictions[i] = argmax.index;  // C >= 1: some thread saw a class
+    }
     if (lane == 0 && live) {
       const acc_t log_sum = s.log_sum();
       stats[2 * i] = s.row_max();  // the row's (max, log_sum); lse = max + log_sum
@@ -394,10 +431,11 @@ std::tuple<at::Tensor, at::Tensor> forward_and_unit_grad(
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    const std::optional<at::Tensor>& predictions) {
   const LossOptions checked =
       check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight);  // checks devices first
+  const PreparedArgs p = prepare_forward_args(input, target, weight, predictions);  // checks devices first
   const LossOptions options = kernel_options(checked, p);
   return forward(Launcher(input), p, options);
 }
@@ -406,10 +444,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_on(
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_on(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    const std::optional<at::Tensor>& predictions) {
   const LossOptions checked =
       check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight);
+  const PreparedArgs p = prepare_forward_args(input, target, weight, predictions);
   const LossOptions options = kernel_options(checked, p);
   TORCH_CHECK(
       p.input.is_same(input) && input.is_contiguous(),
@@ -421,10 +460,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_on(
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss) {
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    const std::optional<at::Tensor>& predictions) {
   const LossOptions checked =
       check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_args(input, target, weight);
+  const PreparedArgs p = prepare_forward_args(input, target, weight, predictions);
   const LossOptions options = kernel_options(checked, p);
   const Launcher launch(input);
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
