@@ -66,9 +66,15 @@ def cross_entropy(
     def as_dtensor(t: Tensor | None, placements) -> Tensor | None:
         return None if t is None else DTensor.from_local(t, mesh, placements, run_check=False)
 
-    def rows_sharded(t: Tensor) -> Tensor:  # per-row results of batch-sharded logits (shards may differ in size)
+    def rows_sharded(t: Tensor | None) -> Tensor | None:  # per-row results of batch-sharded logits (uneven shards)
+        if t is None:
+            return None
         shape = input.shape[:1] + input.shape[2:]
-        return DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=shape, stride=_contiguous(shape))
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+    def loss_and_predictions(out) -> tuple[Tensor, Tensor | None]:
+        return (out.loss, out.predictions) if return_predictions else (out, None)
 
     if placement.is_shard(class_dim) and not target.is_floating_point():  # the vocab-parallel loss
         from .distributed import vocab_parallel_cross_entropy
@@ -80,22 +86,21 @@ def cross_entropy(
             local, target = local.unsqueeze(0), target.unsqueeze(0)
         elif local.dim() > 2:
             local, target = local.movedim(1, -1).reshape(-1, local.shape[1]), target.reshape(-1)
-        out = vocab_parallel_cross_entropy(
+        loss, predictions = loss_and_predictions(vocab_parallel_cross_entropy(
             local, target, mesh.get_group(), weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, return_predictions=True, **options,
-        )  # fmt: skip
-        loss = out.loss.reshape(rows_shape) if reduction == "none" else out.loss
-        predictions = out.predictions.reshape(rows_shape)
-        return _result(as_dtensor(loss, [Replicate()]), as_dtensor(predictions, [Replicate()]), return_predictions)
+            label_smoothing=label_smoothing, return_predictions=return_predictions, **options,
+        ))  # fmt: skip
+        loss = loss.reshape(rows_shape) if reduction == "none" else loss
+        predictions = None if predictions is None else predictions.reshape(rows_shape)
+        return _result(as_dtensor(loss, [Replicate()]), as_dtensor(predictions, [Replicate()]))
 
     if placement.is_replicate() or placement.is_shard(class_dim):  # every rank has the whole problem
         local = input.to_local() if placement.is_replicate() else input.full_tensor()
-        out = local_cross_entropy(
+        loss, predictions = loss_and_predictions(local_cross_entropy(
             local, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            return_predictions=True, **options,
-        )  # fmt: skip
-        return _result(as_dtensor(out.loss, [Replicate()]), as_dtensor(out.predictions, [Replicate()]),
-                       return_predictions)  # fmt: skip
+            return_predictions=return_predictions, **options,
+        ))  # fmt: skip
+        return _result(as_dtensor(loss, [Replicate()]), as_dtensor(predictions, [Replicate()]))
 
     if not batch_sharded:
         raise ValueError(
@@ -105,7 +110,7 @@ def cross_entropy(
     # Batch-sharded: each rank's rows, reduced over the mesh. 'mean' divides by D, the summed weights of the
     # rows kept on every rank, the z-loss scaled by D / (rows kept) so that it is divided by their count (as
     # the ordinary op does: mean_z_loss).
-    local, local_target = input.to_local(), target
+    local = input.to_local()
     if reduction == "mean":
         acc = accumulate_dtype(local.dtype)
         if target.is_floating_point():  # every row counts
@@ -118,24 +123,20 @@ def cross_entropy(
         divisor = counts[0]
         if z_loss and weight is not None and not target.is_floating_point() and counts[1] > 0:
             options["z_loss"] = z_loss * float(counts[0] / counts[1])
-    out = local_cross_entropy(
-        local, local_target, weight, ignore_index=ignore_index, reduction="none",
-        label_smoothing=label_smoothing, return_predictions=True, **options,
-    )  # fmt: skip
-    predictions = rows_sharded(out.predictions)
+    rows, predictions = loss_and_predictions(local_cross_entropy(
+        local, target, weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing,
+        return_predictions=return_predictions, **options,
+    ))  # fmt: skip
     if reduction == "none":
-        return _result(rows_sharded(out.loss), predictions, return_predictions)
-    loss = as_dtensor(out.loss.sum(), [Partial()]).redistribute(mesh, [Replicate()])
+        return _result(rows_sharded(rows), rows_sharded(predictions))
+    loss = as_dtensor(rows.sum(), [Partial()]).redistribute(mesh, [Replicate()])
     if reduction == "mean":
         loss = loss / as_dtensor(divisor.to(loss.dtype), [Replicate()])
-    return _result(loss, predictions, return_predictions)
+    return _result(loss, rows_sharded(predictions))
 
 
-def _contiguous(shape: torch.Size) -> tuple[int, ...]:
-    return torch.empty(shape, device="meta").stride()
-
-
-def _result(loss: Tensor, predictions: Tensor, return_predictions: bool):
+def _result(loss: Tensor, predictions: Tensor | None):
+    """The loss, or with predictions both, as the functional API returns them."""
     from .functional import CrossEntropyOutput
 
-    return CrossEntropyOutput(loss, None, None, predictions) if return_predictions else loss
+    return loss if predictions is None else CrossEntropyOutput(loss, None, None, predictions)

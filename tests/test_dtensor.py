@@ -41,13 +41,15 @@ def problem(case: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 def loss_and_grad(loss_fn, logits: torch.Tensor, target: torch.Tensor, **kwargs):
-    """The loss (a plain tensor) and d(sum(v * loss)) / d logits for a fixed v; DTensors gathered."""
+    """The loss (a plain tensor) and d(sum(v * loss)) / d logits for a fixed v; DTensors gathered. The
+    gradient as autograd.grad returns it: torch 2.11's AccumulateGrad re-lays out a DTensor leaf's .grad
+    reached through to_local() (Shard(1) logits got a replicated .grad, as from x.to_local().sum())."""
     x = logits.detach().clone().requires_grad_() if not isinstance(logits, DTensor) else logits
     loss = loss_fn(x, target, **kwargs)
     whole = loss.full_tensor() if isinstance(loss, DTensor) else loss
     v = torch.linspace(0.5, 1.5, whole.numel(), dtype=whole.dtype).reshape(whole.shape)
-    (whole * v).sum().backward()
-    return whole.detach(), x.grad
+    (grad,) = torch.autograd.grad((whole * v).sum(), x)
+    return whole.detach(), grad
 
 
 def check_losses(mesh) -> None:

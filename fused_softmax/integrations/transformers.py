@@ -152,6 +152,19 @@ def use_linear_cross_entropy(model: nn.Module) -> Patch:
     return Patch(undo)
 
 
+def _check_head(head: nn.Module) -> None:
+    """The loss reads lm_head's weight itself and never calls lm_head: refused where calling it would
+    have done more (hooks: FSDP gathering a sharded weight, accelerate moving it) or the weight is not
+    the whole matrix."""
+    hooked = head._forward_pre_hooks or head._forward_hooks or hasattr(head, "_hf_hook")
+    if hooked or type(head.weight) is not nn.Parameter or type(head.weight.data) is not Tensor:
+        raise ValueError(
+            "use_linear_cross_entropy: model.lm_head has forward hooks or a sharded weight (FSDP, tensor "
+            "parallelism, accelerate offloading), which the fused loss would bypass; undo the switch and "
+            "use_fused_loss_functions() instead"
+        )
+
+
 class _HiddenStates(nn.Module):
     """Stands in for lm_head for one call: keeps the final hidden states and hands them on (so the
     model's own forward runs unchanged, and forms no vocabulary-sized tensor)."""
@@ -168,8 +181,10 @@ def _linear_cross_entropy_forward(
     fused = labels is not None and self.training and not return_logits and isinstance(keep, int) and keep == 0
     if not fused:
         return original(*args, labels=labels, **kwargs)
+    head = self.lm_head
+    _check_head(head)
     return_dict = kwargs.pop("return_dict", None)
-    head, capture = self.lm_head, _HiddenStates()
+    capture = _HiddenStates()
     self.lm_head = capture
     try:
         outputs = original(*args, return_dict=True, **kwargs)  # no labels: the model computes no loss
