@@ -156,6 +156,15 @@ class PeakMemory:
         raise OSError(key)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, csv_default: str) -> None:
+    """The options every one-row-per-case benchmark takes: device, reps, threads, the CSV and a note."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--csv", default=csv_default, help="append the rows here")
+    parser.add_argument("--note", default="", help="what this run measures (a version, a change), kept in each row")
+
+
 def append_row(path: Path, row: dict) -> None:
     """Appends row to the CSV at path (its directory made, a header first in a new file)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_cross_entropy import DTYPES, PeakMemory, Timer, append_row, machine
+from bench_cross_entropy import DTYPES, PeakMemory, Timer, add_run_arguments, append_row, machine
 
 import fused_softmax
 
@@ -28,13 +28,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--classes", type=int, default=32000)
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--providers", default="fused,matmul+torch,matmul+fused,torch.linear_ce")
-    parser.add_argument("--csv", default="runs/benchmarks/linear_cross_entropy.csv", help="append the rows here")
-    parser.add_argument("--note", default="", help="what this run measures (a version, a change), kept in each row")
+    add_run_arguments(parser, "runs/benchmarks/linear_cross_entropy.csv")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

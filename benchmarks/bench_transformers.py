@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from bench_cross_entropy import PeakMemory, Timer, append_row, machine, quantiles
+from bench_cross_entropy import PeakMemory, Timer, add_run_arguments, append_row, machine, quantiles
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fused_softmax.integrations.transformers import use_fused_loss_functions, use_linear_cross_entropy
@@ -37,12 +37,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtypes", default="fp32,bf16-autocast")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--csv", default="runs/benchmarks/transformers.csv", help="append the rows here")
-    parser.add_argument("--note", default="", help="what this run measures, kept in each row")
+    add_run_arguments(parser, "runs/benchmarks/transformers.csv")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 
 namespace fused_softmax {
@@ -424,6 +425,18 @@ std::tuple<at::Tensor, at::Tensor> forward_and_unit_grad(
   return result;
 }
 
+// The forward ops' arguments checked (devices first) and laid out, and the options the kernels use.
+inline std::pair<PreparedArgs, LossOptions> forward_args(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
+    const std::optional<at::Tensor>& predictions) {
+  const LossOptions checked =
+      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
+  PreparedArgs p = prepare_forward_args(input, target, weight, predictions);
+  const LossOptions options = kernel_options(checked, p);
+  return {std::move(p), options};
+}
+
 // The four ops (their schemas: ../register.cpp) on the device that Launcher launches kernels on:
 // Launcher(input) selects it (after the arguments' devices are checked), launcher.multiprocessors()
 // sizes the grid, launcher(kernel, grid, args...) runs kernel on kBlock threads a block.
@@ -433,10 +446,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
     const std::optional<at::Tensor>& predictions) {
-  const LossOptions checked =
-      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_forward_args(input, target, weight, predictions);  // checks devices first
-  const LossOptions options = kernel_options(checked, p);
+  const auto [p, options] = forward_args(
+      input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, predictions);
   return forward(Launcher(input), p, options);
 }
 
@@ -446,10 +457,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_on(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
     const std::optional<at::Tensor>& predictions) {
-  const LossOptions checked =
-      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_forward_args(input, target, weight, predictions);
-  const LossOptions options = kernel_options(checked, p);
+  const auto [p, options] = forward_args(
+      input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, predictions);
   TORCH_CHECK(
       p.input.is_same(input) && input.is_contiguous(),
       "fused_softmax: input: the in-place gradient needs contiguous (rows, classes) logits, got strides ",
@@ -462,10 +471,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad_on(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, int64_t reduction, double logit_scale, double softcap, double z_loss,
     const std::optional<at::Tensor>& predictions) {
-  const LossOptions checked =
-      check_options(input, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
-  const PreparedArgs p = prepare_forward_args(input, target, weight, predictions);
-  const LossOptions options = kernel_options(checked, p);
+  const auto [p, options] = forward_args(
+      input, target, weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, predictions);
   const Launcher launch(input);
   at::Tensor grad = at::empty({p.input.size(0), p.input.size(1)}, p.input.options());
   auto [loss, stats] = forward_and_unit_grad(launch, p, options, grad);
